@@ -1,0 +1,50 @@
+# The project's entry points. `make demo` and `make test` work on a fresh machine:
+# each creates the virtualenv, builds the guest tools and the VM toolchain as needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export VIRTIO_EMU_CACHE ?= $(HOME)/.cache/virtio-emu
+
+.PHONY: all setup guest-tools toolchain lint typecheck unit test test-fast demo bench fuzz clean
+
+all: setup
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed guest-tools
+
+guest-tools: $(VENV)/.installed
+	$(MAKE) -s -C guest-tools
+
+toolchain: setup
+	$(PY) -m vm.toolchain
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+test-fast: setup
+	$(VENV)/bin/pytest -m "not vm and not qemu"
+
+test: lint typecheck toolchain
+	$(VENV)/bin/pytest
+
+demo: toolchain
+	$(PY) -m vm.demo
+
+bench: toolchain
+	$(PY) -m bench
+
+fuzz: setup
+	$(VENV)/bin/pytest tests/fuzz --hypothesis-profile=campaign
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+	$(MAKE) -s -C guest-tools clean

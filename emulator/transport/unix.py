@@ -1,0 +1,61 @@
+"""UNIX stream sockets with SCM_RIGHTS: the only place that touches sendmsg/recvmsg.
+
+Received fds are owned by the caller from the moment ``recv_with_fds`` returns; fds that the
+kernel had to truncate (MSG_CTRUNC) are already closed and reported as an error.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections.abc import Sequence
+
+from emulator.errors import RemoteProtocolError, TransportError
+
+MAX_FDS_PER_MESSAGE = 16
+_FD_SIZE = array.array("i").itemsize
+
+
+def recv_with_fds(sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS_PER_MESSAGE) -> tuple[bytes, list[int]]:
+    """Receive up to ``bufsize`` bytes and any fds sent with them.
+
+    Returns ``(b"", [])`` on orderly shutdown. Raises ``BlockingIOError`` on a non-blocking
+    socket with nothing to read, ``TransportError`` on a reset connection.
+    """
+    try:
+        data, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * _FD_SIZE))
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        raise TransportError(f"connection lost: {exc}") from exc
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+    if flags & socket.MSG_CTRUNC:
+        close_fds(fds)
+        raise RemoteProtocolError(f"peer sent more than {maxfds} fds in one message", fatal=True)
+    return data, fds
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """Send all of ``data``; the fds travel with its first byte. Does not close ``fds``."""
+    try:
+        if fds:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            sent = sock.sendmsg([data], ancillary)
+        else:
+            sent = sock.send(data)
+        if sent < len(data):
+            sock.sendall(data[sent:])
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        raise TransportError(f"connection lost: {exc}") from exc
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close every fd, ignoring ones that are already closed."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
