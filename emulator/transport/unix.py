@@ -7,6 +7,7 @@ kernel had to truncate (MSG_CTRUNC) are already closed and reported as an error.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 from collections.abc import Sequence
@@ -17,7 +18,9 @@ MAX_FDS_PER_MESSAGE = 16
 _FD_SIZE = array.array("i").itemsize
 
 
-def recv_with_fds(sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS_PER_MESSAGE) -> tuple[bytes, list[int]]:
+def recv_with_fds(
+    sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS_PER_MESSAGE
+) -> tuple[bytes, list[int]]:
     """Receive up to ``bufsize`` bytes and any fds sent with them.
 
     Returns ``(b"", [])`` on orderly shutdown. Raises ``BlockingIOError`` on a non-blocking
@@ -55,7 +58,5 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> 
 def close_fds(fds: Sequence[int]) -> None:
     """Close every fd, ignoring ones that are already closed."""
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass

@@ -1,0 +1,90 @@
+"""The seam between the vfio-user server and the device model.
+
+The server speaks vfio-user and knows nothing about virtio; the device knows nothing about
+sockets. Everything the server asks a device goes through ``PciDevice``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from emulator.pci.interrupts import MsixVectors
+
+
+class RegionIndex(enum.IntEnum):
+    """VFIO PCI region indices (linux/vfio.h VFIO_PCI_*_REGION_INDEX)."""
+
+    BAR0 = 0
+    BAR1 = 1
+    BAR2 = 2
+    BAR3 = 3
+    BAR4 = 4
+    BAR5 = 5
+    ROM = 6
+    CONFIG = 7
+    VGA = 8
+
+
+NUM_REGIONS = 9
+
+
+class IrqIndex(enum.IntEnum):
+    """VFIO PCI interrupt indices (linux/vfio.h VFIO_PCI_*_IRQ_INDEX)."""
+
+    INTX = 0
+    MSI = 1
+    MSIX = 2
+    ERR = 3
+    REQ = 4
+
+
+NUM_IRQS = 5
+
+
+class RegionAccess(enum.IntFlag):
+    """What the client may do with a region (VFIO_REGION_INFO_FLAG_READ/WRITE)."""
+
+    NONE = 0
+    READ = 1
+    WRITE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class RegionInfo:
+    """Size and permitted access of one region; size 0 means the region does not exist."""
+
+    index: int
+    size: int
+    access: RegionAccess
+
+
+class PciDevice(Protocol):
+    """A PCI function as the vfio-user server sees it."""
+
+    msix: MsixVectors
+
+    def region_info(self, index: int) -> RegionInfo:
+        """Describe region ``index`` (0 <= index < NUM_REGIONS)."""
+        ...
+
+    def region_read(self, index: int, offset: int, size: int) -> bytes:
+        """Serve a read the client has already checked against ``region_info``."""
+        ...
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        """Serve a write the client has already checked against ``region_info``."""
+        ...
+
+    def irq_count(self, index: int) -> int:
+        """Number of interrupts of VFIO IRQ index ``index``."""
+        ...
+
+    def reset(self) -> None:
+        """Function-level reset (vfio-user DEVICE_RESET)."""
+        ...
+
+    def guest_memory_changed(self) -> None:
+        """The client's DMA regions changed (DMA_MAP / DMA_UNMAP)."""
+        ...
