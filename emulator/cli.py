@@ -1,0 +1,163 @@
+"""Command line: argparse -> a validated, frozen ``EmulatorConfig`` -> ``emulator.app.run``.
+
+Option names mirror the properties of QEMU's ``vhost-user-test-device`` so a user can move a
+back-end between QEMU's own front-end and this one without relearning anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from emulator.app import run
+from emulator.config import EmulatorConfig
+from emulator.errors import ConfigError, EmulatorError
+
+SHMEM_FEATURE_BITS = (22, 20)
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``0x1000``, ``4K``, ``2M``, ``1G`` (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1
+    if text and text[-1] in units:
+        scale = units[text[-1]]
+        text = text[:-1]
+    try:
+        return int(text, 0) * scale
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from exc
+
+
+def parse_shmem_region(text: str) -> tuple[int, int]:
+    """``SHMID:SIZE`` as used by ``--shmem-region``."""
+    shmid, sep, size = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected SHMID:SIZE, got {text!r}")
+    try:
+        return int(shmid, 0), parse_size(size)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad shmid in {text!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="virtio-emu",
+        description="A virtio 1.x PCI device over vfio-user, fronting a vhost-user back-end, "
+        "with guest-visible shared-memory regions.",
+    )
+    parser.add_argument(
+        "--vfio-user-socket",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="listen here for the vfio-user client (QEMU's vfio-user-pci)",
+    )
+    parser.add_argument(
+        "--virtio-id",
+        type=int,
+        required=True,
+        metavar="N",
+        help="virtio device id (PCI device id is 0x1040 + N)",
+    )
+    parser.add_argument("--num-queues", type=int, default=1, metavar="N")
+    parser.add_argument("--queue-size", type=int, default=128, metavar="N")
+    parser.add_argument(
+        "--config-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="bytes of device config space (read from the back-end)",
+    )
+    parser.add_argument(
+        "--shmem-region",
+        type=parse_shmem_region,
+        action="append",
+        default=[],
+        metavar="SHMID:SIZE",
+        help="a shared-memory region (repeatable); overrides GET_SHMEM_CONFIG",
+    )
+    parser.add_argument(
+        "--vhost-user-socket",
+        type=Path,
+        metavar="PATH",
+        help="connect to this vhost-user back-end (retries until it is up)",
+    )
+    parser.add_argument(
+        "--shmem-feature-bit",
+        type=int,
+        choices=SHMEM_FEATURE_BITS,
+        default=22,
+        help="protocol feature bit for shared memory: 22 (upstream) or 20 (draft)",
+    )
+    parser.add_argument(
+        "--backend-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for each back-end reply",
+    )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        metavar="FILE",
+        help="append one JSON line per message (both directions)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="one DEBUG line per message",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    regions: dict[int, int] = {}
+    for shmid, size in args.shmem_region:
+        if shmid in regions:
+            raise ConfigError(f"--shmem-region {shmid} given twice")
+        regions[shmid] = size
+    if not 0 <= args.virtio_id <= 0x3F:
+        raise ConfigError(f"--virtio-id {args.virtio_id} is outside 0..63 (PCI ids 0x1040..0x107f)")
+    if not 1 <= args.num_queues <= 1024:
+        raise ConfigError(f"--num-queues {args.num_queues} is outside 1..1024")
+    size = args.queue_size
+    if not 1 <= size <= 32768 or size & (size - 1):
+        raise ConfigError(f"--queue-size {size} must be a power of two in 1..32768")
+    if not 0 <= args.config_size <= 0x1000:
+        raise ConfigError(f"--config-size {args.config_size} is outside 0..4096")
+    if args.backend_timeout <= 0:
+        raise ConfigError("--backend-timeout must be positive")
+    return EmulatorConfig(
+        vfio_user_socket=args.vfio_user_socket,
+        virtio_id=args.virtio_id,
+        num_queues=args.num_queues,
+        queue_size=size,
+        config_size=args.config_size,
+        shmem_regions=regions,
+        vhost_user_socket=args.vhost_user_socket,
+        shmem_feature_bit=args.shmem_feature_bit,
+        trace=args.trace,
+        backend_timeout=args.backend_timeout,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return run(config_from_args(args))
+    except EmulatorError as exc:
+        logging.getLogger("emulator").error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
