@@ -1,0 +1,102 @@
+"""Run the trixie root's QEMU, qemu-storage-daemon and virtiofsd on the Debian 12 host.
+
+The binaries need glibc 2.39+, which the host lacks, so they run through the root's own dynamic
+loader with the root's library path; QEMU also needs ``-L`` for its firmware and
+``QEMU_MODULE_DIR`` for the devices built as modules. No chroot, so sockets and files keep their
+host paths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ACCEL_ENV = "VIRTIO_EMU_ACCEL"
+KVM_PROBE_FILE = "kvm-probe.json"
+
+
+@dataclass(frozen=True, slots=True)
+class HostBinaries:
+    """Command lines for the programs in the host root, runnable without chroot."""
+
+    root: Path
+
+    @property
+    def loader(self) -> Path:
+        return self.root / "lib64/ld-linux-x86-64.so.2"
+
+    @property
+    def library_path(self) -> str:
+        return ":".join(
+            str(self.root / d) for d in ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu")
+        )
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for any of the binaries (QEMU reads QEMU_MODULE_DIR; others ignore it)."""
+        env = dict(os.environ if base is None else base)
+        env["QEMU_MODULE_DIR"] = str(self.root / "usr/lib/x86_64-linux-gnu/qemu")
+        return env
+
+    def _wrap(self, binary: str, args: Sequence[str]) -> list[str]:
+        return [
+            str(self.loader),
+            "--library-path",
+            self.library_path,
+            str(self.root / binary),
+            *args,
+        ]
+
+    def qemu_argv(self, *args: str) -> list[str]:
+        firmware = ("usr/share/qemu", "usr/share/seabios")
+        fw_args = [a for d in firmware for a in ("-L", str(self.root / d))]
+        return self._wrap("usr/bin/qemu-system-x86_64", [*fw_args, *args])
+
+    def storage_daemon_argv(self, *args: str) -> list[str]:
+        return self._wrap("usr/bin/qemu-storage-daemon", args)
+
+    def virtiofsd_argv(self, *args: str) -> list[str]:
+        return self._wrap("usr/libexec/virtiofsd", args)
+
+
+def select_accel(cache: Path) -> str:
+    """TCG unless KVM was asked for or a cached probe saw a guest boot under it.
+
+    /dev/kvm on the project's machines is a software KVM under which Linux guests fail, so its
+    mere presence proves nothing.
+    """
+    requested = os.environ.get(ACCEL_ENV, "").strip().lower()
+    if requested in ("kvm", "tcg"):
+        return requested
+    if requested:
+        raise ValueError(f"{ACCEL_ENV}={requested!r}: expected 'kvm' or 'tcg'")
+    probe = cache / KVM_PROBE_FILE
+    try:
+        if json.loads(probe.read_text()).get("guest_boots") is True:
+            return "kvm"
+    except (OSError, ValueError):
+        pass
+    return "tcg"
+
+
+def machine_args(accel: str) -> list[str]:
+    return ["-machine", f"q35,accel={accel}", "-cpu", "max" if accel == "tcg" else "host"]
+
+
+def device_help(binaries: HostBinaries) -> str:
+    """QEMU's ``-device help`` output, to check which devices this build has."""
+    proc = subprocess.run(
+        binaries.qemu_argv("-nodefaults", "-machine", "none", "-device", "help"),
+        capture_output=True,
+        text=True,
+        env=binaries.env(),
+        timeout=60,
+        check=True,
+    )
+    return proc.stdout + proc.stderr
