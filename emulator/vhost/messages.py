@@ -510,23 +510,25 @@ class VhostUserTransferDeviceState(Payload):
 class VhostUserShMemConfig(Payload):
     """VIRTIO Shared Memory Region configuration: ``nregions``, padding, 256 u64 sizes.
 
-    The index into ``memory_sizes`` is the shmid; 0 marks an unused id.
+    The index into ``memory_sizes`` is the shmid; 0 marks an unused id. Shorter tuples are
+    padded with zeros to all 256 entries.
     """
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct(f"=II{VHOST_USER_MAX_SHMEM_REGIONS}Q")
     nregions: int
     memory_sizes: tuple[int, ...]
 
-    def pack(self) -> bytes:
+    def __post_init__(self) -> None:
         if len(self.memory_sizes) > VHOST_USER_MAX_SHMEM_REGIONS:
             raise LocalProtocolError(f"{len(self.memory_sizes)} shared memory sizes, at most 256")
+        padding = (0,) * (VHOST_USER_MAX_SHMEM_REGIONS - len(self.memory_sizes))
+        object.__setattr__(self, "memory_sizes", tuple(self.memory_sizes) + padding)
+
+    def pack(self) -> bytes:
         if not 0 <= self.nregions <= VHOST_USER_MAX_SHMEM_REGIONS:
             raise LocalProtocolError(f"nregions={self.nregions} out of range")
-        sizes = tuple(self.memory_sizes) + (0,) * (
-            VHOST_USER_MAX_SHMEM_REGIONS - len(self.memory_sizes)
-        )
         try:
-            return self.STRUCT.pack(self.nregions, 0, *sizes)
+            return self.STRUCT.pack(self.nregions, 0, *self.memory_sizes)
         except struct.error as exc:
             raise LocalProtocolError(f"shared memory size out of range: {exc}") from exc
 
