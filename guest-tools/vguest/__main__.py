@@ -1,0 +1,7 @@
+"""Entry point for ``python3 -m vguest``."""
+
+import sys
+
+from vguest.cli import main
+
+sys.exit(main())
