@@ -1,0 +1,28 @@
+"""VIRTIO Shared Memory Regions in BAR 4: layout, mapping table, real mmaps of back-end fds."""
+
+from emulator.shmem.layout import PAGE_SIZE, RegionLayout, ShmemLayout
+from emulator.shmem.region import (
+    MappingInfo,
+    MappingRefused,
+    RefusalReason,
+    SharedMemoryBar,
+    SharedMemoryRegion,
+    ShmemError,
+)
+from emulator.shmem.table import MappingTable, NotMappedError, OverlapError, TableError
+
+__all__ = [
+    "PAGE_SIZE",
+    "MappingInfo",
+    "MappingRefused",
+    "MappingTable",
+    "NotMappedError",
+    "OverlapError",
+    "RefusalReason",
+    "RegionLayout",
+    "SharedMemoryBar",
+    "SharedMemoryRegion",
+    "ShmemError",
+    "ShmemLayout",
+    "TableError",
+]
