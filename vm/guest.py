@@ -149,14 +149,23 @@ class Guest:
         toolchain: Toolchain | None = None,
         **options: Any,
     ) -> Iterator[Guest]:
-        """Boot a guest, wait for its agent, and on exit power it off (or kill it)."""
+        """Boot a guest, wait for its agent, and on exit power it off (or kill it).
+
+        A workdir this created (no ``workdir`` option) is removed after a clean run and kept,
+        with its console and QEMU logs, when the block raised.
+        """
         config = GuestConfig(name=name, extra_args=tuple(extra_args), **options)
         guest = cls(config, toolchain or ensure_toolchain())
         try:
             guest.start()
             yield guest
-        finally:
+        except BaseException:
             guest.close()
+            log.error("guest %s failed; logs kept in %s", name, guest.workdir)
+            raise
+        guest.close()
+        if config.workdir is None:
+            shutil.rmtree(guest.workdir, ignore_errors=True)
 
     def qemu_command(self) -> list[str]:
         cfg = self.config
@@ -198,7 +207,7 @@ class Guest:
             *self.qemu_command(),
             "-chardev", f"socket,id=agent,fd={afd},server=on,wait=off",
             "-chardev", f"socket,id=qmp,fd={qfd},server=on,wait=off",
-            "-mon", "chardev=qmp,mode=control",
+            "-object", "monitor-qmp,id=qmp0,chardev=qmp",
         ]  # fmt: skip
         self.log.info("starting QEMU (%s), console %s", self.accel, self.console_log)
         self.log.debug("argv: %s", argv)
@@ -317,9 +326,9 @@ class Guest:
     def sh(self, script: str, timeout: float = 60.0, check: bool = False) -> CommandResult:
         return self.run(["/bin/sh", "-c", script], timeout=timeout, check=check)
 
-    def json(self, argv: Sequence[str], timeout: float = 60.0) -> Any:
+    def json(self, argv: Sequence[str], timeout: float = 60.0, stdin: str | None = None) -> Any:
         """Run a command that must succeed and print JSON; return the parsed value."""
-        result = self.run(argv, timeout=timeout, check=True)
+        result = self.run(argv, timeout=timeout, check=True, stdin=stdin)
         try:
             return json.loads(result.stdout)
         except ValueError as exc:

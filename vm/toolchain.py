@@ -35,10 +35,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VM_DIR = Path(__file__).resolve().parent
 SUITE = "trixie"
 MIRROR = "http://deb.debian.org/debian"
-HOST_PACKAGES = {  # binary that must exist -> Debian package providing it
+# Debian package -> what shows it is installed (a program on PATH or an absolute path). make and
+# a C toolchain serve `make -C guest-tools install`, which compiles the guest's helper library.
+HOST_PACKAGES = {
     "debootstrap": "debootstrap",
-    "mke2fs": "e2fsprogs",
+    "e2fsprogs": "mke2fs",
     "make": "make",
+    "gcc": "cc",
+    "libc6-dev": "/usr/include/stdio.h",
 }
 QEMU_PACKAGES = ("qemu-system-x86", "qemu-utils", "virtiofsd")
 GUEST_PACKAGES = (
@@ -313,7 +317,11 @@ class Builder:
         return self.tc
 
     def _host_packages(self) -> None:
-        missing = sorted({pkg for exe, pkg in HOST_PACKAGES.items() if not shutil.which(exe)})
+        missing = sorted(
+            pkg
+            for pkg, probe in HOST_PACKAGES.items()
+            if not (Path(probe).exists() if probe.startswith("/") else shutil.which(probe))
+        )
         if not missing:
             self._say("host-packages: present")
             return
