@@ -1,0 +1,715 @@
+"""The vhost-user back-end library, for prototyping devices.
+
+A ``VhostUserBackend`` listens on a UNIX socket, serves one front-end at a time (resetting all
+state when it leaves), negotiates features, maps the front-end's memory, runs split virtqueues
+and hands each kicked queue to the device's ``handle_queue``. Every request goes through the
+same fixed steps: decode header, fds and body (the codec checks fds and size against the
+payload type), check the protocol feature, call one typed handler, send the reply or the
+REPLY_ACK status. Devices never see REPLY_ACK.
+
+``shmem_map``/``shmem_unmap`` send BACKEND_SHMEM_MAP/UNMAP on the back-end channel and wait for
+the front-end's u64 status; they may be called from any thread while the loop runs.
+
+Device contract: subclass ``VhostUserDevice`` (or provide the same attributes and methods).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import selectors
+import socket
+import stat
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from emulator.errors import (
+    BackendError,
+    EmulatorError,
+    ProtocolError,
+    RemoteProtocolError,
+    StateError,
+    TransportError,
+)
+from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds
+from emulator.vhost.codec import (
+    Channel,
+    Decoder,
+    MessageRejected,
+    VhostUserMessage,
+    describe,
+    encode,
+    reply_to,
+    request,
+    spec_for,
+)
+from emulator.vhost.messages import (
+    EMPTY,
+    FRONTEND_REQUIRED_FEATURE,
+    SHMEM_FEATURE_BIT_UPSTREAM,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_MAX_CONFIG_SIZE,
+    VHOST_USER_MAX_SHMEM_REGIONS,
+    BackendReq,
+    FrontendReq,
+    Payload,
+    VhostUserConfig,
+    VhostUserMemory,
+    VhostUserMMap,
+    VhostUserMMapFlag,
+    VhostUserProtocolFeature,
+    VhostUserShMemConfig,
+    VhostUserSingleMemoryRegion,
+    VhostUserU64,
+    VhostUserVringAddr,
+    VhostUserVringState,
+    errno_of,
+    shmem_feature,
+    vring_index_and_fd,
+)
+from emulator.vhost.vring import MAX_MEM_SLOTS, GuestMemory, GuestMemoryError, MappedRegion, Vring
+
+log = logging.getLogger(__name__)
+
+VIRTIO_F_VERSION_1 = 1 << 32
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_RECV_SIZE = 65536
+
+P = TypeVar("P", bound=Payload)
+
+
+class ShmemRequestRefused(BackendError):
+    """The front-end answered a SHMEM_MAP/UNMAP with a non-zero status ``code``."""
+
+    def __init__(self, req: BackendReq, code: int) -> None:
+        super().__init__(f"front-end refused {req.name}: status {code}")
+        self.request = req
+        self.code = code
+
+
+class VhostUserDevice:
+    """What the library needs from a device; subclass and override what the device does."""
+
+    #: virtio device features offered (VHOST_USER_F_PROTOCOL_FEATURES is added by the library)
+    features: int = VIRTIO_F_VERSION_1
+    num_queues: int = 1
+
+    def shmem_sizes(self) -> Sequence[int]:
+        """VIRTIO Shared Memory Region sizes indexed by shmid (0 = unused); page multiples."""
+        return ()
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of device config space at ``offset`` (default: none, all zeros)."""
+        return bytes(size)
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        raise RemoteProtocolError("device config space is read-only", errno.EPERM)
+
+    def handle_queue(self, index: int, vring: Vring) -> None:
+        """Process available buffers of queue ``index`` (called on a kick while started)."""
+
+    def on_connect(self, backend: VhostUserBackend) -> None:
+        """A front-end connected."""
+
+    def on_disconnect(self) -> None:
+        """The front-end left; everything it set up is gone."""
+
+    def reset(self) -> None:
+        """RESET_DEVICE (and disconnect): return to the initial state."""
+
+
+def _payload(msg: VhostUserMessage, kind: type[P]) -> P:
+    if not isinstance(msg.payload, kind):
+        raise RemoteProtocolError(f"{msg.request.name}: unexpected payload {msg.payload!r}")
+    return msg.payload
+
+
+class VhostUserBackend:
+    """Serves one vhost-user front-end at a time on ``socket_path`` for ``device``."""
+
+    def __init__(
+        self,
+        device: VhostUserDevice,
+        socket_path: str,
+        *,
+        shmem_feature_bit: int = SHMEM_FEATURE_BIT_UPSTREAM,
+        configure_mem_slots: bool = False,
+        reply_timeout: float = 5.0,
+    ) -> None:
+        self.device = device
+        self.socket_path = socket_path
+        self.reply_timeout = reply_timeout
+        self.shmem_mask = shmem_feature(shmem_feature_bit)
+        pf = VhostUserProtocolFeature
+        offered = pf.MQ | pf.REPLY_ACK | pf.BACKEND_REQ | pf.BACKEND_SEND_FD | pf.CONFIG
+        offered |= pf.RESET_DEVICE
+        if configure_mem_slots:
+            offered |= pf.CONFIGURE_MEM_SLOTS
+        self.offered_protocol_features = int(offered) | self.shmem_mask
+        self.offered_features = device.features | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+        self.memory = GuestMemory()
+        self.vrings = [Vring(i, self.memory) for i in range(device.num_queues)]
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.owner = False
+        self._listener: socket.socket | None = None
+        self._conn: socket.socket | None = None
+        self._conn_log = log
+        self._decoder: Decoder | None = None
+        self._channel: socket.socket | None = None
+        self._channel_lock = threading.Lock()
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = threading.Event()
+        self._connected = threading.Event()
+        self._connections = 0
+        self._handlers: dict[FrontendReq, Callable[[VhostUserMessage], Payload | None]] = {
+            FrontendReq.GET_FEATURES: self._get_features,
+            FrontendReq.SET_FEATURES: self._set_features,
+            FrontendReq.SET_OWNER: self._set_owner,
+            FrontendReq.RESET_OWNER: self._reset_owner,
+            FrontendReq.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            FrontendReq.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            FrontendReq.GET_QUEUE_NUM: self._get_queue_num,
+            FrontendReq.SET_MEM_TABLE: self._set_mem_table,
+            FrontendReq.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            FrontendReq.ADD_MEM_REG: self._add_mem_reg,
+            FrontendReq.REM_MEM_REG: self._rem_mem_reg,
+            FrontendReq.SET_VRING_NUM: self._set_vring_num,
+            FrontendReq.SET_VRING_ADDR: self._set_vring_addr,
+            FrontendReq.SET_VRING_BASE: self._set_vring_base,
+            FrontendReq.GET_VRING_BASE: self._get_vring_base,
+            FrontendReq.SET_VRING_KICK: self._set_vring_kick,
+            FrontendReq.SET_VRING_CALL: self._set_vring_call,
+            FrontendReq.SET_VRING_ERR: self._set_vring_err,
+            FrontendReq.SET_VRING_ENABLE: self._set_vring_enable,
+            FrontendReq.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            FrontendReq.GET_CONFIG: self._get_config,
+            FrontendReq.SET_CONFIG: self._set_config,
+            FrontendReq.RESET_DEVICE: self._reset_device,
+            FrontendReq.GET_SHMEM_CONFIG: self._get_shmem_config,
+        }
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def listen(self) -> None:
+        """Bind and listen (idempotent); a stale socket file at the path is replaced."""
+        if self._listener is not None:
+            return
+        try:
+            if stat.S_ISSOCK(os.stat(self.socket_path).st_mode):
+                os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.socket_path)
+            sock.listen(1)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        self._sel.register(sock, selectors.EVENT_READ, self._accept)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, self._wake)
+        log.info("listening on %s", self.socket_path)
+
+    def serve_forever(self) -> None:
+        """Run the selector loop until ``stop()``."""
+        self.listen()
+        try:
+            while not self._stopping.is_set():
+                for key, _ in self._sel.select():
+                    callback: Callable[[], None] = key.data
+                    callback()
+        finally:
+            self._shutdown()
+
+    def serve_in_thread(self) -> threading.Thread:
+        """Listen now, then run the loop in a daemon thread."""
+        self.listen()
+        thread = threading.Thread(target=self.serve_forever, name="vhost-user-backend", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """Ask the loop to finish (from any thread)."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 64)
+
+    def _shutdown(self) -> None:
+        if self._conn is not None:
+            self._disconnect("back-end stopping")
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- connection ---------------------------------------------------------------------------
+    def _accept(self) -> None:
+        assert self._listener is not None
+        conn, _ = self._listener.accept()
+        conn.setblocking(True)
+        self._connections += 1
+        self._conn = conn
+        self._conn_log = log.getChild(f"conn{self._connections}")
+        self._decoder = Decoder(Channel.FRONTEND, expect_replies=False)
+        self._sel.unregister(self._listener)
+        self._sel.register(conn, selectors.EVENT_READ, self._readable)
+        self._conn_log.info("front-end connected")
+        self.device.on_connect(self)
+        self._connected.set()
+
+    def _disconnect(self, reason: str) -> None:
+        """Drop the front-end and everything it set up, then accept the next one."""
+        self._conn_log.info("front-end disconnected: %s", reason)
+        self._close_channel()
+        self._reset_vrings()
+        self.memory.close()
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
+        if self._conn is not None:
+            self._sel.unregister(self._conn)
+            self._conn.close()
+            self._conn = None
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.owner = False
+        self._connected.clear()
+        try:
+            self.device.reset()
+        finally:
+            self.device.on_disconnect()
+            if self._listener is not None and not self._stopping.is_set():
+                self._sel.register(self._listener, selectors.EVENT_READ, self._accept)
+
+    def _readable(self) -> None:
+        assert self._conn is not None and self._decoder is not None
+        try:
+            data, fds = recv_with_fds(self._conn, _RECV_SIZE)
+            if not data:
+                close_fds(fds)
+                self._disconnect("end of stream")
+                return
+            self._decoder.feed(data, fds)
+            while self._conn is not None and (msg := self._next_message()) is not None:
+                with msg:
+                    self._dispatch(msg)
+        except TransportError as exc:
+            self._disconnect(str(exc))
+        except ProtocolError as exc:
+            self._disconnect(f"fatal protocol error: {exc}")
+
+    def _next_message(self) -> VhostUserMessage | None:
+        """The next request; a rejected one is answered (if it must be) and skipped."""
+        assert self._decoder is not None
+        while True:
+            try:
+                msg = self._decoder.next_message()
+            except MessageRejected as exc:
+                self._conn_log.warning("rejected request: %s", exc)
+                self._reply_rejected(exc)
+                continue
+            if msg is not None:
+                self._conn_log.debug("<-- %s", describe(msg))
+            return msg
+
+    def _reply_rejected(self, exc: MessageRejected) -> None:
+        try:
+            req = FrontendReq(exc.header.request)
+        except ValueError:
+            return
+        stub = request(req, need_reply=bool(exc.header.flags & 0x8))
+        self._finish(stub, None, exc)
+
+    def _send(self, msg: VhostUserMessage) -> None:
+        assert self._conn is not None
+        data, fds = encode(msg)
+        self._conn_log.debug("--> %s", describe(msg))
+        send_with_fds(self._conn, data, fds)
+
+    def _dispatch(self, msg: VhostUserMessage) -> None:
+        req = msg.request
+        assert isinstance(req, FrontendReq)
+        error: EmulatorError | None = None
+        result: Payload | None = None
+        try:
+            required = FRONTEND_REQUIRED_FEATURE.get(req)
+            if req is FrontendReq.GET_SHMEM_CONFIG:
+                required_mask = self.shmem_mask
+            else:
+                required_mask = int(required) if required is not None else 0
+            if required_mask and not self.acked_protocol_features & required_mask:
+                raise RemoteProtocolError(
+                    f"{req.name} needs protocol feature {required_mask:#x}", errno.EOPNOTSUPP
+                )
+            handler = self._handlers.get(req)
+            if handler is None:
+                raise RemoteProtocolError(f"{req.name} is not supported", errno.ENOSYS)
+            result = handler(msg)
+        except (RemoteProtocolError, StateError, BackendError) as exc:
+            self._conn_log.warning("%s failed: %s", req.name, exc)
+            error = exc
+        except OSError as exc:
+            self._conn_log.warning("%s failed: %s", req.name, exc)
+            error = RemoteProtocolError(f"{req.name}: {exc}", exc.errno or errno.EIO)
+        self._finish(msg, result, error)
+
+    def _finish(
+        self, msg: VhostUserMessage, result: Payload | None, error: EmulatorError | None
+    ) -> None:
+        """Send the explicit reply, or the REPLY_ACK status if one was asked for."""
+        req = msg.request
+        assert isinstance(req, FrontendReq)
+        spec = spec_for(req)
+        if spec.reply:
+            if error is None and result is not None:
+                self._send(reply_to(msg, result))
+            elif req is FrontendReq.GET_CONFIG:
+                self._send(reply_to(msg, EMPTY))
+            else:
+                raise RemoteProtocolError(f"{req.name} needs a reply it cannot get", fatal=True)
+            return
+        ack = self.acked_protocol_features & VhostUserProtocolFeature.REPLY_ACK
+        if msg.need_reply and ack:
+            code = 0 if error is None else errno_of(error)
+            self._send(reply_to(msg, VhostUserU64(code)))
+
+    # -- typed handlers -----------------------------------------------------------------------
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise RemoteProtocolError(f"vring index {index} out of range", errno.ERANGE)
+        return self.vrings[index]
+
+    def _get_features(self, msg: VhostUserMessage) -> Payload:
+        return VhostUserU64(self.offered_features)
+
+    def _set_features(self, msg: VhostUserMessage) -> None:
+        value = _payload(msg, VhostUserU64).value
+        if value & ~self.offered_features:
+            raise RemoteProtocolError(f"features {value:#x} were not offered")
+        self.acked_features = value
+        if not value & 1 << VHOST_USER_F_PROTOCOL_FEATURES:
+            for vring in self.vrings:
+                vring.enabled = True
+
+    def _set_owner(self, msg: VhostUserMessage) -> None:
+        self.owner = True
+
+    def _reset_owner(self, msg: VhostUserMessage) -> None:
+        for vring in self.vrings:
+            vring.enabled = False
+
+    def _get_protocol_features(self, msg: VhostUserMessage) -> Payload:
+        return VhostUserU64(self.offered_protocol_features)
+
+    def _set_protocol_features(self, msg: VhostUserMessage) -> None:
+        value = _payload(msg, VhostUserU64).value
+        if value & ~self.offered_protocol_features:
+            raise RemoteProtocolError(f"protocol features {value:#x} were not offered")
+        self.acked_protocol_features = value
+
+    def _get_queue_num(self, msg: VhostUserMessage) -> Payload:
+        return VhostUserU64(len(self.vrings))
+
+    def _set_mem_table(self, msg: VhostUserMessage) -> None:
+        table = _payload(msg, VhostUserMemory)
+        staged = GuestMemory()
+        try:
+            for region, fd in zip(table.regions, msg.fds, strict=True):
+                staged.add(GuestMemory.map_region(region, fd))
+        except BaseException:
+            staged.close()
+            raise
+        old = self.memory.regions
+        self.memory.regions = staged.regions
+        for mapped in old:
+            mapped.mm.close()
+
+    def _get_max_mem_slots(self, msg: VhostUserMessage) -> Payload:
+        return VhostUserU64(MAX_MEM_SLOTS)
+
+    def _add_mem_reg(self, msg: VhostUserMessage) -> None:
+        region = _payload(msg, VhostUserSingleMemoryRegion).region
+        mapped: MappedRegion = GuestMemory.map_region(region, msg.fds[0])
+        self.memory.add(mapped)
+
+    def _rem_mem_reg(self, msg: VhostUserMessage) -> None:
+        self.memory.remove(_payload(msg, VhostUserSingleMemoryRegion).region)
+
+    def _set_vring_num(self, msg: VhostUserMessage) -> None:
+        state = _payload(msg, VhostUserVringState)
+        self._vring(state.index).set_size(state.num)
+
+    def _set_vring_addr(self, msg: VhostUserMessage) -> None:
+        addr = _payload(msg, VhostUserVringAddr)
+        self._vring(addr.index).set_addr(
+            addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr
+        )
+
+    def _set_vring_base(self, msg: VhostUserMessage) -> None:
+        state = _payload(msg, VhostUserVringState)
+        self._vring(state.index).set_base(state.num)
+
+    def _get_vring_base(self, msg: VhostUserMessage) -> Payload:
+        state = _payload(msg, VhostUserVringState)
+        vring = self._vring(state.index)
+        self._watch_kick(vring, None)
+        return VhostUserVringState(state.index, vring.stop())
+
+    def _vring_fd(self, msg: VhostUserMessage) -> tuple[Vring, int | None]:
+        index, has_fd = vring_index_and_fd(_payload(msg, VhostUserU64).value)
+        vring = self._vring(index)
+        return vring, msg.take_fds()[0] if has_fd else None
+
+    def _set_vring_kick(self, msg: VhostUserMessage) -> None:
+        vring, fd = self._vring_fd(msg)
+        self._watch_kick(vring, fd)
+        if fd is None:
+            self._conn_log.warning(
+                "vring %d: polling mode (no kick fd) is not supported", vring.index
+            )
+            return
+        try:
+            vring.start()
+        except GuestMemoryError as exc:
+            self._conn_log.warning("vring %d not started yet: %s", vring.index, exc)
+            return
+        self._process(vring)
+
+    def _watch_kick(self, vring: Vring, fd: int | None) -> None:
+        if vring.kick_fd is not None:
+            self._sel.unregister(vring.kick_fd)
+        vring.replace_fd("kick", fd)
+        if fd is not None:
+            self._sel.register(fd, selectors.EVENT_READ, lambda: self._kicked(vring))
+
+    def _set_vring_call(self, msg: VhostUserMessage) -> None:
+        vring, fd = self._vring_fd(msg)
+        vring.replace_fd("call", fd)
+
+    def _set_vring_err(self, msg: VhostUserMessage) -> None:
+        vring, fd = self._vring_fd(msg)
+        vring.replace_fd("err", fd)
+
+    def _set_vring_enable(self, msg: VhostUserMessage) -> None:
+        state = _payload(msg, VhostUserVringState)
+        if state.num not in (0, 1):
+            raise RemoteProtocolError(f"SET_VRING_ENABLE num={state.num}")
+        vring = self._vring(state.index)
+        vring.enabled = bool(state.num)
+        self._process(vring)
+
+    def _set_backend_req_fd(self, msg: VhostUserMessage) -> None:
+        fd = msg.take_fds()[0]
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            raise RemoteProtocolError(f"back-end channel fd is not a socket: {exc}") from exc
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise RemoteProtocolError("back-end channel must be a UNIX stream socket")
+        self._close_channel()
+        with self._channel_lock:
+            self._channel = sock
+
+    def _get_config(self, msg: VhostUserMessage) -> Payload:
+        cfg = _payload(msg, VhostUserConfig)
+        if cfg.offset + cfg.size > VHOST_USER_MAX_CONFIG_SIZE:
+            raise RemoteProtocolError(f"config access {cfg.offset}+{cfg.size} out of range")
+        data = self.device.get_config(cfg.offset, cfg.size)
+        if len(data) != cfg.size:
+            raise RemoteProtocolError(f"device returned {len(data)} config bytes, not {cfg.size}")
+        return VhostUserConfig(cfg.offset, cfg.size, cfg.flags, data)
+
+    def _set_config(self, msg: VhostUserMessage) -> None:
+        cfg = _payload(msg, VhostUserConfig)
+        if cfg.offset + cfg.size > VHOST_USER_MAX_CONFIG_SIZE:
+            raise RemoteProtocolError(f"config access {cfg.offset}+{cfg.size} out of range")
+        self.device.set_config(cfg.offset, cfg.payload, cfg.flags)
+
+    def _reset_device(self, msg: VhostUserMessage) -> None:
+        self._reset_vrings()
+        self.device.reset()
+
+    def _get_shmem_config(self, msg: VhostUserMessage) -> Payload:
+        sizes = tuple(self.device.shmem_sizes())
+        if len(sizes) > VHOST_USER_MAX_SHMEM_REGIONS:
+            raise RemoteProtocolError(f"device declares {len(sizes)} shared memory regions")
+        for shmid, size in enumerate(sizes):
+            if size % PAGE_SIZE:
+                raise RemoteProtocolError(f"shmid {shmid}: size {size:#x} is not page-aligned")
+        return VhostUserShMemConfig(len(sizes), sizes)
+
+    # -- virtqueues ---------------------------------------------------------------------------
+    def _reset_vrings(self) -> None:
+        for vring in self.vrings:
+            if vring.kick_fd is not None:
+                self._sel.unregister(vring.kick_fd)
+            vring.close()
+        self.vrings[:] = [Vring(i, self.memory) for i in range(len(self.vrings))]
+
+    def _kicked(self, vring: Vring) -> None:
+        if vring.kick_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.read(vring.kick_fd, 8)
+        vring.stats.kicks += 1
+        if not vring.started:
+            try:
+                vring.start()
+            except GuestMemoryError as exc:
+                self._conn_log.warning("vring %d kicked but unusable: %s", vring.index, exc)
+                return
+        self._process(vring)
+
+    def _process(self, vring: Vring) -> None:
+        """Run the device on ``vring``; a hostile ring breaks the ring, never the loop."""
+        if not (vring.started and vring.enabled) or vring.broken:
+            return
+        try:
+            self.device.handle_queue(vring.index, vring)
+        except GuestMemoryError as exc:
+            self._conn_log.warning("vring %d broken: %s", vring.index, exc)
+            self._ring_failed(vring)
+        except Exception:
+            self._conn_log.exception("vring %d: device handler failed", vring.index)
+            self._ring_failed(vring)
+
+    def _ring_failed(self, vring: Vring) -> None:
+        vring.broken = True
+        with contextlib.suppress(OSError):
+            vring.signal_error()
+
+    # -- back-end channel ---------------------------------------------------------------------
+    def _close_channel(self) -> None:
+        sock = self._channel
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread waiting for a reply
+        with self._channel_lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+
+    def shmem_map(
+        self,
+        shmid: int,
+        fd: int,
+        fd_offset: int,
+        shm_offset: int,
+        length: int,
+        *,
+        writable: bool,
+    ) -> None:
+        """Ask the front-end to map ``fd`` into shared memory region ``shmid``.
+
+        ``fd`` stays the caller's. Raises ``ShmemRequestRefused`` on a non-zero status,
+        ``BackendError`` on timeout or a broken channel, ``StateError`` before negotiation.
+        """
+        flags = int(VhostUserMMapFlag.RW) if writable else 0
+        mmap_req = VhostUserMMap(shmid, fd_offset, shm_offset, length, flags)
+        self._backend_request(BackendReq.SHMEM_MAP, mmap_req, [fd])
+
+    def shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> None:
+        """Ask the front-end to unmap [shm_offset, shm_offset + length) of ``shmid``."""
+        mmap_req = VhostUserMMap(shmid, 0, shm_offset, length, 0)
+        self._backend_request(BackendReq.SHMEM_UNMAP, mmap_req, [])
+
+    def _backend_request(self, req: BackendReq, payload: Payload, fds: list[int]) -> None:
+        with self._channel_lock:
+            sock = self._channel
+            if sock is None:
+                raise StateError(
+                    f"cannot send {req.name}",
+                    state="no back-end channel",
+                    required="SET_BACKEND_REQ_FD",
+                )
+            if not self.acked_protocol_features & self.shmem_mask:
+                raise StateError(
+                    f"cannot send {req.name}",
+                    state="SHMEM not negotiated",
+                    required=f"protocol feature {self.shmem_mask:#x}",
+                )
+            need_reply = bool(self.acked_protocol_features & VhostUserProtocolFeature.REPLY_ACK)
+            msg = request(req, payload, fds=fds, need_reply=need_reply)
+            data, out_fds = encode(msg)
+            log.debug("--> %s (back-end channel)", describe(msg))
+            try:
+                send_with_fds(sock, data, out_fds)
+                if not need_reply:
+                    return
+                reply = self._read_channel_reply(sock, req)
+            except (TransportError, OSError, RemoteProtocolError) as exc:
+                self._channel = None
+                sock.close()
+                raise BackendError(f"{req.name}: back-end channel failed: {exc}") from exc
+        if reply:
+            raise ShmemRequestRefused(req, reply)
+
+    def _read_channel_reply(self, sock: socket.socket, req: BackendReq) -> int:
+        decoder = Decoder(Channel.BACKEND, expect_replies=True)
+        sock.settimeout(self.reply_timeout)
+        try:
+            while (msg := decoder.next_message()) is None:
+                try:
+                    data, fds = recv_with_fds(sock, _RECV_SIZE)
+                except TimeoutError as exc:
+                    raise TransportError(f"no reply within {self.reply_timeout}s") from exc
+                if not data:
+                    close_fds(fds)
+                    raise TransportError("front-end closed the back-end channel")
+                decoder.feed(data, fds)
+        finally:
+            decoder.close()
+        with msg:
+            log.debug("<-- %s (back-end channel)", describe(msg))
+            if msg.request is not req or not isinstance(msg.payload, VhostUserU64):
+                raise RemoteProtocolError(f"expected a {req.name} reply, got {describe(msg)}")
+            return msg.payload.value
+
+    # -- introspection ------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """A JSON-friendly snapshot of the connection and the queues."""
+        return {
+            "connected": self.connected,
+            "features": self.acked_features,
+            "protocol_features": self.acked_protocol_features,
+            "backend_channel": self._channel is not None,
+            "memory_regions": len(self.memory.regions),
+            "queues": [
+                {
+                    "index": v.index,
+                    "size": v.size,
+                    "started": v.started,
+                    "enabled": v.enabled,
+                    "broken": v.broken,
+                    "kicks": v.stats.kicks,
+                    "popped": v.stats.popped,
+                    "pushed": v.stats.pushed,
+                    "bytes_written": v.stats.bytes_written,
+                    "notifications": v.stats.notifications,
+                    "errors": v.stats.errors,
+                }
+                for v in self.vrings
+            ],
+        }
