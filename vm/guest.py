@@ -14,14 +14,12 @@ wait at once with the console log's tail, rather than at a timeout.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import json
 import logging
 import os
 import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -33,7 +31,7 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from vm.qemu import HostBinaries, machine_args, select_accel
+from vm.qemu import HostBinaries, listening_socket, machine_args, select_accel, set_pdeathsig
 from vm.toolchain import Toolchain, ensure_toolchain
 
 log = logging.getLogger(__name__)
@@ -41,7 +39,6 @@ log = logging.getLogger(__name__)
 AGENT_PORT = "org.virtio-emu.agent"
 # Slack on top of a command's own timeout (which the agent enforces) for the round trip.
 REPLY_MARGIN = 30.0
-_PR_SET_PDEATHSIG = 1
 
 
 class GuestError(Exception):
@@ -96,19 +93,6 @@ class GuestConfig:
     allow_reboot: bool = False
     workdir: Path | None = None
     env: tuple[tuple[str, str], ...] = field(default=())
-
-
-def _set_pdeathsig() -> None:
-    """Runs in the child before exec: QEMU dies with us even if we are SIGKILLed."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-def _listen(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(path))
-    sock.listen(1)
-    return sock
 
 
 class Guest:
@@ -200,8 +184,8 @@ class Guest:
         return self.binaries.qemu_argv(*args, *cfg.extra_args)
 
     def start(self) -> None:
-        agent_listener = _listen(self.agent_path)
-        qmp_listener = _listen(self.qmp_path)
+        agent_listener = listening_socket(self.agent_path)
+        qmp_listener = listening_socket(self.qmp_path)
         afd, qfd = agent_listener.fileno(), qmp_listener.fileno()
         argv = [
             *self.qemu_command(),
@@ -220,7 +204,7 @@ class Guest:
                 stderr=subprocess.STDOUT,
                 pass_fds=(afd, qfd),
                 env=self.binaries.env({**os.environ, **dict(self.config.env)}),
-                preexec_fn=_set_pdeathsig,  # noqa: PLW1509 -- only a prctl, no locks taken
+                preexec_fn=set_pdeathsig,  # noqa: PLW1509 -- only a prctl, no locks taken
             )
         agent_listener.close()
         qmp_listener.close()
@@ -365,6 +349,15 @@ class Guest:
                 parts.append(f"--- {path} (last {len(text)} lines)\n" + "\n".join(text))
         return "\n".join(parts)
 
+    def _exit_status_after_loss(self) -> str:
+        """QEMU closing the agent socket almost always means it is exiting; say how."""
+        assert self._proc is not None
+        try:
+            self.returncode = self._proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            return " (QEMU still running)"
+        return f" (QEMU exited with {self.returncode})"
+
     def _send(self, message: dict[str, Any]) -> None:
         if self._agent is None:
             raise GuestError("guest is not running")
@@ -392,9 +385,15 @@ class Guest:
                             f"QEMU exited with {self.returncode} while waiting for {what}\n"
                             f"{self.console_tail()}"
                         )
-                    chunk = self._agent.recv(65536)
+                    try:
+                        chunk = self._agent.recv(65536)
+                    except ConnectionError:
+                        chunk = b""
                     if not chunk:
-                        raise GuestError(f"agent socket closed while waiting for {what}")
+                        raise GuestError(
+                            f"agent connection lost while waiting for {what}"
+                            f"{self._exit_status_after_loss()}\n{self.console_tail()}"
+                        )
                     self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         message: dict[str, Any] = json.loads(line)
