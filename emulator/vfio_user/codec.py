@@ -253,6 +253,9 @@ _RULES: dict[tuple[Command, bool], _Rule] = {
 _SERVER_TO_CLIENT = frozenset({Command.DMA_READ, Command.DMA_WRITE})
 _COMMANDS = {int(c): c for c in Command}
 _REGION_RW = frozenset({int(Command.REGION_READ), int(Command.REGION_WRITE)})
+_REGION_READ = int(Command.REGION_READ)
+_ACCESS = RegionAccess.STRUCT
+_ACCESS_HEAD = HEADER_SIZE + _ACCESS.size
 _HFLAGS = {0: HeaderFlags(0), int(HeaderFlags.NO_REPLY): HeaderFlags.NO_REPLY}
 
 
@@ -360,12 +363,7 @@ class Decoder:
             self._start = 0
             self._data = b""
         # Hot path: a guest BAR or config access, no fds, nothing unusual.
-        if (
-            command in _REGION_RW
-            and flags & ~HeaderFlags.NO_REPLY == 0
-            and not fds
-            and self.role is Role.SERVER
-        ):
+        if command in _REGION_RW and flags in _HFLAGS and not fds and self.role is Role.SERVER:
             return self._region_command(data, start, header)
         return self._decode(data, start, header, fds)
 
@@ -390,17 +388,32 @@ class Decoder:
 
     def _region_command(self, data: bytes | bytearray, start: int, header: _Header) -> Message:
         msg_id, command, size, flags, _ = header
-        parse = _region_without_data if command == Command.REGION_READ else _region_with_data
-        try:
-            payload = _parse_payload(parse, data, start, size)
-        except RemoteProtocolError as exc:
+        body = size - _ACCESS_HEAD
+        if body < 0:
             raise DecodeError(
-                f"{exc} (id {msg_id}, command {command})",
-                exc.errno,
+                f"short region access (id {msg_id}, command {command})",
+                errno.EINVAL,
                 msg_id=msg_id,
                 command=command,
-                reply_expected=not flags & HeaderFlags.NO_REPLY,
-            ) from None
+                reply_expected=not flags,
+            )
+        offset, region, count = _ACCESS.unpack_from(data, start + HEADER_SIZE)
+        if command == _REGION_READ:
+            ok = body == 0
+            payload = RegionAccess(offset, region, count)
+        else:
+            ok = body == count
+            first = start + _ACCESS_HEAD
+            payload = RegionAccess(offset, region, count, bytes(data[first : first + count]))
+        if not ok:
+            raise DecodeError(
+                f"region access of {body} data bytes for count {count} "
+                f"(id {msg_id}, command {command})",
+                errno.EINVAL,
+                msg_id=msg_id,
+                command=command,
+                reply_expected=not flags,
+            )
         return Message(
             _COMMANDS[command], msg_id, payload, (), MsgType.COMMAND, _HFLAGS[flags], 0, size
         )
