@@ -350,7 +350,9 @@ def cmd_watch(args: argparse.Namespace) -> Result:
     start = time.monotonic()
     located = args.bar is not None or args.shm is not None
     if located != (args.offset is not None) or (located and args.bdf is None):
-        raise UsageError("watch a value with BDF --bar N|--shm ID OFFSET, a device with [BDF]")
+        raise UsageError(
+            "watch a value with BDF --bar N|--shm ID --offset OFF, a device with [BDF]"
+        )
     if not located:
         dev = discovery.wait_for_device(args.sysfs_root, bdf=args.bdf, timeout=args.timeout)
         elapsed = time.monotonic() - start
@@ -506,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--bar", type=int)
     where.add_argument("--shm", type=int, metavar="SHMID")
     p.add_argument("--wc", action="store_true")
-    p.add_argument("offset", metavar="OFFSET", type=parse_int, nargs="?")
+    p.add_argument("--offset", type=parse_int, help="offset of the value to watch")
     p.add_argument("--until", type=parse_int, help="wait for this value instead of any change")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.add_argument("--interval", type=float, default=0.01, help="poll interval in seconds")
