@@ -76,7 +76,6 @@ log = logging.getLogger(__name__)
 
 VIRTIO_F_VERSION_1 = 1 << 32
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-_RECV_SIZE = 65536
 
 P = TypeVar("P", bound=Payload)
 
@@ -304,13 +303,15 @@ class VhostUserBackend:
     def _readable(self) -> None:
         assert self._conn is not None and self._decoder is not None
         try:
-            data, fds = recv_with_fds(self._conn, _RECV_SIZE)
+            # Never read past the current message: the kernel may deliver a later message's
+            # fds with earlier bytes, so reads stay message-aligned (header, then body).
+            data, fds = recv_with_fds(self._conn, self._decoder.bytes_needed())
             if not data:
                 close_fds(fds)
                 self._disconnect("end of stream")
                 return
             self._decoder.feed(data, fds)
-            while self._conn is not None and (msg := self._next_message()) is not None:
+            if (msg := self._next_message()) is not None:
                 with msg:
                     self._dispatch(msg)
         except TransportError as exc:
@@ -672,7 +673,7 @@ class VhostUserBackend:
         try:
             while (msg := decoder.next_message()) is None:
                 try:
-                    data, fds = recv_with_fds(sock, _RECV_SIZE)
+                    data, fds = recv_with_fds(sock, decoder.bytes_needed())
                 except TimeoutError as exc:
                     raise TransportError(f"no reply within {self.reply_timeout}s") from exc
                 if not data:

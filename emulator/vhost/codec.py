@@ -3,7 +3,9 @@
 The same code serves both channels (the front-end's main socket with ``FrontendReq`` and the
 back-end channel with ``BackendReq``) and both directions (requests and replies); the decoder is
 told which channel it reads. Fds are tagged with the stream offset at which they arrived and go
-to the message whose bytes cover that offset, which is where SCM_RIGHTS delivers them.
+to the message whose bytes cover that offset. A UNIX stream socket may hand a later message's
+fds over together with earlier bytes, so callers read at most ``bytes_needed()`` bytes at a time:
+each read then starts at the header of the message the fds were sent with.
 
 Errors: a broken header (wrong version, oversized body) is fatal, the stream cannot be
 resynchronised; anything wrong inside a complete message raises ``MessageRejected`` (non-fatal,
@@ -204,7 +206,10 @@ class Decoder:
         self._buf += data
 
     def bytes_needed(self) -> int:
-        """How many more bytes complete the next header or body (0: a message is ready)."""
+        """How many more bytes complete the next header or body (0: a message is ready).
+
+        Reading exactly this much keeps every read inside one message.
+        """
         if len(self._buf) < HEADER_SIZE:
             return HEADER_SIZE - len(self._buf)
         size = VhostUserHeader.unpack(bytes(self._buf[:HEADER_SIZE])).size

@@ -1,0 +1,509 @@
+"""The back-end library against a scripted front-end over real sockets, memfds and eventfds."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from emulator.errors import BackendError, StateError, TransportError
+from emulator.transport.unix import recv_with_fds, send_with_fds
+from emulator.vhost.backend import ShmemRequestRefused, VhostUserBackend, VhostUserDevice
+from emulator.vhost.codec import (
+    Channel,
+    Decoder,
+    VhostUserMessage,
+    encode,
+    reply_to,
+    request,
+)
+from emulator.vhost.messages import (
+    EMPTY,
+    BackendReq,
+    FrontendReq,
+    Payload,
+    VhostUserConfig,
+    VhostUserMemory,
+    VhostUserMemoryRegion,
+    VhostUserMMap,
+    VhostUserProtocolFeature,
+    VhostUserShMemConfig,
+    VhostUserU64,
+    VhostUserVringAddr,
+    VhostUserVringState,
+)
+from emulator.vhost.vring import Vring
+
+PF = VhostUserProtocolFeature
+GPA_BASE = 0x4000_0000
+UVA_BASE = 0x7F12_0000_0000
+MEM_SIZE = 1 << 20
+QSIZE = 8
+DESC, AVAIL, USED = 0x0000, 0x1000, 0x2000
+
+
+class EchoDevice(VhostUserDevice):
+    """Writes b"echo:" + the readable bytes into the writable buffers of every chain."""
+
+    num_queues = 2
+
+    def __init__(self) -> None:
+        self.disconnects = 0
+
+    def shmem_sizes(self) -> list[int]:
+        return [0x400000, 0, 0x2000]
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        return bytes(range(offset, offset + size))
+
+    def handle_queue(self, index: int, vring: Vring) -> None:
+        used = 0
+        while (chain := vring.pop()) is not None:
+            data = b"echo:" + chain.read_all(vring.memory)
+            vring.push(chain.head, chain.write(vring.memory, data))
+            used += 1
+        if used:
+            vring.notify()
+
+    def on_disconnect(self) -> None:
+        self.disconnects += 1
+
+
+class Frontend:
+    """A lockstep scripted front-end: send one request, read exactly one reply."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(path)
+        self.decoder = Decoder(Channel.FRONTEND, expect_replies=True)
+
+    def send(self, msg: VhostUserMessage) -> None:
+        data, fds = encode(msg)
+        send_with_fds(self.sock, data, fds)  # the fds stay the caller's
+
+    def send_raw(self, data: bytes, fds: list[int] | None = None) -> None:
+        send_with_fds(self.sock, data, fds or [])
+
+    def recv(self) -> VhostUserMessage:
+        while (msg := self.decoder.next_message()) is None:
+            data, fds = recv_with_fds(self.sock, self.decoder.bytes_needed())
+            if not data:
+                raise EOFError("back-end closed the connection")
+            self.decoder.feed(data, fds)
+        return msg
+
+    def call(
+        self,
+        req: FrontendReq,
+        payload: Payload = EMPTY,
+        fds: list[int] | None = None,
+        *,
+        need_reply: bool = False,
+    ) -> VhostUserMessage | None:
+        self.send(request(req, payload, fds=fds or [], need_reply=need_reply))
+        expects = req in (
+            FrontendReq.GET_FEATURES,
+            FrontendReq.GET_PROTOCOL_FEATURES,
+            FrontendReq.GET_QUEUE_NUM,
+            FrontendReq.GET_VRING_BASE,
+            FrontendReq.GET_CONFIG,
+            FrontendReq.GET_SHMEM_CONFIG,
+            FrontendReq.GET_MAX_MEM_SLOTS,
+        )
+        if need_reply or expects:
+            reply = self.recv()
+            assert reply.request is req
+            return reply
+        return None
+
+    def u64(self, req: FrontendReq, payload: Payload = EMPTY, fds: list[int] | None = None) -> int:
+        reply = self.call(req, payload, fds, need_reply=True)
+        assert reply is not None and isinstance(reply.payload, VhostUserU64)
+        return reply.payload.value
+
+    def negotiate(self, protocol: int) -> None:
+        features = self.u64(FrontendReq.GET_FEATURES)
+        self.call(FrontendReq.SET_FEATURES, VhostUserU64(features))
+        offered = self.u64(FrontendReq.GET_PROTOCOL_FEATURES)
+        assert offered & protocol == protocol
+        self.call(FrontendReq.SET_PROTOCOL_FEATURES, VhostUserU64(protocol))
+        self.call(FrontendReq.SET_OWNER)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.decoder.close()
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    return str(tmp_path / "vhost.sock")
+
+
+def start(device: VhostUserDevice, path: str, **kwargs: object) -> Iterator[VhostUserBackend]:
+    backend = VhostUserBackend(device, path, **kwargs)  # type: ignore[arg-type]
+    thread = backend.serve_in_thread()
+    try:
+        yield backend
+    finally:
+        backend.stop()
+        thread.join(5)
+        assert not thread.is_alive()
+
+
+@pytest.fixture
+def device() -> EchoDevice:
+    return EchoDevice()
+
+
+@pytest.fixture
+def backend(device: EchoDevice, sock_path: str) -> Iterator[VhostUserBackend]:
+    yield from start(device, sock_path, reply_timeout=1.0)
+
+
+@pytest.fixture
+def fe(backend: VhostUserBackend, sock_path: str) -> Iterator[Frontend]:
+    frontend = Frontend(sock_path)
+    yield frontend
+    frontend.close()
+
+
+ALL = PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.SHMEM
+
+
+def nfds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("bit", [22, 20])
+def test_negotiation_with_shmem_bit(bit: int, sock_path: str) -> None:
+    for backend in start(EchoDevice(), sock_path, shmem_feature_bit=bit):
+        fe = Frontend(sock_path)
+        features = fe.u64(FrontendReq.GET_FEATURES)
+        assert features & (1 << 30) and features & (1 << 32)
+        offered = fe.u64(FrontendReq.GET_PROTOCOL_FEATURES)
+        assert offered & (1 << bit)
+        other = 20 if bit == 22 else 22
+        assert not offered & (1 << other)
+        proto = int(PF.MQ | PF.REPLY_ACK | PF.CONFIG) | 1 << bit
+        assert fe.u64(FrontendReq.SET_PROTOCOL_FEATURES, VhostUserU64(proto)) == 0
+        assert fe.u64(FrontendReq.GET_QUEUE_NUM) == 2
+        reply = fe.call(FrontendReq.GET_SHMEM_CONFIG)
+        assert reply is not None
+        assert reply.payload == VhostUserShMemConfig(3, (0x400000, 0, 0x2000))
+        cfg = fe.call(FrontendReq.GET_CONFIG, VhostUserConfig(4, 4, 0, bytes(4)))
+        assert cfg is not None and cfg.payload == VhostUserConfig(4, 4, 0, bytes([4, 5, 6, 7]))
+        assert backend.acked_protocol_features == proto
+        fe.close()
+
+
+def test_unoffered_protocol_feature_is_refused(fe: Frontend) -> None:
+    fe.u64(FrontendReq.GET_FEATURES)
+    assert fe.u64(FrontendReq.SET_PROTOCOL_FEATURES, VhostUserU64(int(PF.REPLY_ACK))) == 0
+    # LOG_SHMFD was not offered; GET_QUEUE_NUM needs MQ which was not acked.
+    assert fe.u64(FrontendReq.SET_PROTOCOL_FEATURES, VhostUserU64(int(PF.LOG_SHMFD))) != 0
+    fe.call(FrontendReq.SET_PROTOCOL_FEATURES, VhostUserU64(int(PF.REPLY_ACK)))
+    assert fe.u64(FrontendReq.SET_VRING_NUM, VhostUserVringState(0, 256)) == 0
+    assert fe.u64(FrontendReq.SET_VRING_NUM, VhostUserVringState(7, 256)) != 0
+    assert fe.u64(FrontendReq.SET_VRING_NUM, VhostUserVringState(0, 100)) != 0
+
+
+def test_get_shmem_config_without_the_feature_drops_the_connection(fe: Frontend) -> None:
+    fe.negotiate(int(PF.REPLY_ACK))
+    fe.send(request(FrontendReq.GET_SHMEM_CONFIG))
+    with pytest.raises(EOFError):
+        fe.recv()
+
+
+def test_wrong_size_and_extra_fds_are_answered_and_closed(
+    fe: Frontend, backend: VhostUserBackend
+) -> None:
+    fe.negotiate(int(ALL))
+    before = nfds()
+    efd = os.eventfd(0)
+    # SET_OWNER must not carry an fd; the back-end must close its copy and say so.
+    header = struct.pack("=III", FrontendReq.SET_OWNER, 0x9, 0)
+    fe.send_raw(header, [efd])
+    reply = fe.recv()
+    assert isinstance(reply.payload, VhostUserU64) and reply.payload.value != 0
+    # A vring state of 4 bytes instead of 8.
+    fe.send_raw(struct.pack("=III", FrontendReq.SET_VRING_NUM, 0x9, 4) + bytes(4))
+    reply = fe.recv()
+    assert isinstance(reply.payload, VhostUserU64) and reply.payload.value != 0
+    os.close(efd)
+    assert nfds() == before
+    assert fe.u64(FrontendReq.GET_FEATURES)  # still serving
+
+
+class Guest:
+    """Guest RAM in a memfd plus a minimal split-ring driver writing into it."""
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("guest-ram")
+        os.ftruncate(self.fd, MEM_SIZE)
+        self.mm = mmap.mmap(self.fd, MEM_SIZE)
+        self.avail_idx = 0
+        self.next_desc = 0
+        self.kick = os.eventfd(0, os.EFD_NONBLOCK)
+        self.call = os.eventfd(0, os.EFD_NONBLOCK)
+        self.err = os.eventfd(0, os.EFD_NONBLOCK)
+
+    def region(self) -> VhostUserMemoryRegion:
+        return VhostUserMemoryRegion(GPA_BASE, MEM_SIZE, UVA_BASE, 0)
+
+    def write_desc(self, table: int, i: int, desc: tuple[int, int, int, int]) -> None:
+        off, length, flags, nxt = desc
+        struct.pack_into("<QIHH", self.mm, table + 16 * i, GPA_BASE + off, length, flags, nxt)
+
+    def add_chain(
+        self, bufs: list[tuple[int, int, bool]], *, indirect_at: int | None = None
+    ) -> int:
+        head = self.next_desc
+        if indirect_at is None:
+            for n, (off, length, write) in enumerate(bufs):
+                more = n + 1 < len(bufs)
+                flags = (1 if more else 0) | (2 if write else 0)
+                self.write_desc(DESC, head + n, (off, length, flags, head + n + 1))
+            self.next_desc += len(bufs)
+        else:
+            for n, (off, length, write) in enumerate(bufs):
+                more = n + 1 < len(bufs)
+                flags = (1 if more else 0) | (2 if write else 0)
+                self.write_desc(indirect_at, n, (off, length, flags, n + 1))
+            self.write_desc(DESC, head, (indirect_at, 16 * len(bufs), 4, 0))
+            self.next_desc += 1
+        struct.pack_into("<H", self.mm, AVAIL + 4 + 2 * (self.avail_idx % QSIZE), head)
+        self.avail_idx += 1
+        struct.pack_into("<H", self.mm, AVAIL + 2, self.avail_idx & 0xFFFF)
+        return head
+
+    def notify(self) -> None:
+        os.eventfd_write(self.kick, 1)
+
+    def wait(self, fd: int, timeout: float = 5.0) -> bool:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if ready:
+            os.eventfd_read(fd)
+        return bool(ready)
+
+    def used(self) -> list[tuple[int, int]]:
+        idx = struct.unpack_from("<H", self.mm, USED + 2)[0]
+        return [struct.unpack_from("<II", self.mm, USED + 4 + 8 * i) for i in range(idx)]
+
+    def setup(self, fe: Frontend, index: int = 0) -> None:
+        fds = [self.fd]
+        assert fe.u64(FrontendReq.SET_MEM_TABLE, VhostUserMemory((self.region(),)), fds) == 0
+        assert fe.u64(FrontendReq.SET_VRING_NUM, VhostUserVringState(index, QSIZE)) == 0
+        addr = VhostUserVringAddr(index, 0, UVA_BASE + DESC, UVA_BASE + USED, UVA_BASE + AVAIL, 0)
+        assert fe.u64(FrontendReq.SET_VRING_ADDR, addr) == 0
+        assert fe.u64(FrontendReq.SET_VRING_BASE, VhostUserVringState(index, 0)) == 0
+        assert fe.u64(FrontendReq.SET_VRING_CALL, VhostUserU64(index), [self.call]) == 0
+        assert fe.u64(FrontendReq.SET_VRING_ERR, VhostUserU64(index), [self.err]) == 0
+        assert fe.u64(FrontendReq.SET_VRING_KICK, VhostUserU64(index), [self.kick]) == 0
+        assert fe.u64(FrontendReq.SET_VRING_ENABLE, VhostUserVringState(index, 1)) == 0
+
+    def close(self) -> None:
+        self.mm.close()
+        for fd in (self.fd, self.kick, self.call, self.err):
+            os.close(fd)
+
+
+@pytest.fixture
+def guest() -> Iterator[Guest]:
+    g = Guest()
+    yield g
+    g.close()
+
+
+def test_vring_round_trip_direct_and_indirect(
+    fe: Frontend, guest: Guest, backend: VhostUserBackend
+) -> None:
+    fe.negotiate(int(ALL))
+    guest.setup(fe)
+    guest.mm[0x10000:0x10005] = b"hello"
+    guest.add_chain([(0x10000, 5, False), (0x11000, 64, True)])
+    guest.notify()
+    assert guest.wait(guest.call)
+    assert guest.used() == [(0, 10)]
+    assert guest.mm[0x11000:0x1100A] == b"echo:hello"
+
+    guest.mm[0x12000:0x12003] = b"abc"
+    head = guest.add_chain(
+        [(0x12000, 3, False), (0x13000, 4, True), (0x14000, 8, True)], indirect_at=0x8000
+    )
+    guest.notify()
+    assert guest.wait(guest.call)
+    assert guest.used()[1] == (head, 8)
+    assert guest.mm[0x13000:0x13004] == b"echo" and guest.mm[0x14000:0x14004] == b":abc"
+
+    # GET_VRING_BASE stops the ring and reports the next available index.
+    reply = fe.call(FrontendReq.GET_VRING_BASE, VhostUserVringState(0, 0))
+    assert reply is not None and reply.payload == VhostUserVringState(0, 2)
+    status = backend.status()["queues"][0]
+    assert status["pushed"] == 2 and not status["started"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["outside", "loop", "indirect_outside", "huge_avail"],
+)
+def test_hostile_rings_do_not_crash_the_backend(
+    fe: Frontend, guest: Guest, backend: VhostUserBackend, bad: str
+) -> None:
+    fe.negotiate(int(ALL))
+    guest.setup(fe)
+    if bad == "outside":
+        guest.add_chain([(MEM_SIZE + 0x1000, 64, True)])
+    elif bad == "loop":
+        guest.write_desc(DESC, 0, (0x10000, 16, 1 | 2, 1))
+        guest.write_desc(DESC, 1, (0x10010, 16, 1 | 2, 0))
+        struct.pack_into("<HH", guest.mm, AVAIL + 2, 1, 0)
+    elif bad == "indirect_outside":
+        guest.write_desc(DESC, 0, (MEM_SIZE - 8, 32, 4, 0))
+        struct.pack_into("<HH", guest.mm, AVAIL + 2, 1, 0)
+    else:
+        struct.pack_into("<H", guest.mm, AVAIL + 2, 1000)
+    guest.notify()
+    assert guest.wait(guest.err)
+    assert guest.used() == []
+    assert backend.status()["queues"][0]["broken"]
+    assert fe.u64(FrontendReq.GET_FEATURES)  # the loop still serves
+
+
+def test_ring_addresses_outside_memory(fe: Frontend, guest: Guest) -> None:
+    fe.negotiate(int(ALL))
+    guest.setup(fe)
+    addr = VhostUserVringAddr(1, 0, UVA_BASE + MEM_SIZE - 16, UVA_BASE, UVA_BASE, 0)
+    assert fe.u64(FrontendReq.SET_VRING_NUM, VhostUserVringState(1, QSIZE)) == 0
+    assert fe.u64(FrontendReq.SET_VRING_ADDR, addr) == 0
+    kick = os.eventfd(0)
+    assert fe.u64(FrontendReq.SET_VRING_KICK, VhostUserU64(1), [kick]) == 0
+    os.eventfd_write(kick, 1)
+    os.close(kick)
+    assert fe.u64(FrontendReq.GET_FEATURES)
+
+
+def test_unmappable_memory_fd_is_refused(fe: Frontend) -> None:
+    fe.negotiate(int(ALL))
+    a, b = socket.socketpair()
+    region = VhostUserMemoryRegion(0, MEM_SIZE, UVA_BASE, 0)
+    assert fe.u64(FrontendReq.SET_MEM_TABLE, VhostUserMemory((region,)), [a.fileno()]) != 0
+    a.close()
+    b.close()
+
+
+def test_disconnect_resets_state_and_accepts_the_next_front_end(
+    sock_path: str, device: EchoDevice, backend: VhostUserBackend, guest: Guest
+) -> None:
+    first = Frontend(sock_path)
+    first.negotiate(int(ALL))
+    guest.setup(first)
+    assert backend.status()["memory_regions"] == 1
+    # A second front-end waits in the backlog while the first is served.
+    second = Frontend(sock_path)
+    first.close()
+    assert second.u64(FrontendReq.GET_FEATURES)
+    assert device.disconnects == 1
+    assert backend.status()["memory_regions"] == 0
+    assert backend.acked_protocol_features == 0
+    second.close()
+
+
+class ChannelPeer:
+    """The front-end's end of the back-end channel, answering SHMEM_MAP/UNMAP in a thread."""
+
+    def __init__(self, fe: Frontend, codes: list[int], delay: float = 0.0) -> None:
+        self.ours, theirs = socket.socketpair()
+        assert fe.u64(FrontendReq.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()]) == 0
+        theirs.close()
+        self.codes = codes
+        self.delay = delay
+        self.seen: list[tuple[VhostUserMMap, bytes]] = []
+        self.reply_failed = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        decoder = Decoder(Channel.BACKEND, expect_replies=False)
+        for code in self.codes:
+            while (msg := decoder.next_message()) is None:
+                data, fds = recv_with_fds(self.ours, decoder.bytes_needed())
+                if not data:
+                    return
+                decoder.feed(data, fds)
+            assert isinstance(msg.payload, VhostUserMMap)
+            content = b""
+            if msg.request is BackendReq.SHMEM_MAP:
+                length = msg.payload.length
+                with mmap.mmap(msg.fds[0], length, offset=msg.payload.fd_offset) as mm:
+                    content = bytes(mm[:length])
+            self.seen.append((msg.payload, content))
+            assert msg.need_reply
+            time.sleep(self.delay)
+            data, _ = encode(reply_to(msg, VhostUserU64(code)))
+            msg.close()
+            try:
+                send_with_fds(self.ours, data)
+            except TransportError:
+                self.reply_failed = True
+                return
+
+    def close(self) -> None:
+        self.thread.join(5)
+        self.ours.close()
+
+
+def test_shmem_map_sends_a_real_fd_and_waits_for_the_status(
+    fe: Frontend, backend: VhostUserBackend
+) -> None:
+    fe.negotiate(int(ALL))
+    peer = ChannelPeer(fe, [0, 1, 0])
+    memfd = os.memfd_create("shm")
+    os.write(memfd, b"A" * 4096 + b"B" * 4096)
+    backend.shmem_map(2, memfd, 4096, 0x1000, 4096, writable=True)
+    with pytest.raises(ShmemRequestRefused) as info:
+        backend.shmem_map(0, memfd, 0, 0, 8192, writable=False)
+    assert info.value.code == 1
+    backend.shmem_unmap(2, 0x1000, 4096)
+    peer.close()
+    (m1, c1), (m2, _), (m3, _) = peer.seen
+    assert m1 == VhostUserMMap(2, 4096, 0x1000, 4096, 1) and c1 == b"B" * 4096
+    assert not m2.writable
+    assert m3.shmid == 2 and m3.shm_offset == 0x1000 and m3.length == 4096
+    # Ours stays open: the caller owns it.
+    os.fstat(memfd)
+    os.close(memfd)
+
+
+def test_shmem_map_timeout_and_state_errors(sock_path: str) -> None:
+    for backend in start(EchoDevice(), sock_path, reply_timeout=0.2):
+        fe = Frontend(sock_path)
+        memfd = os.memfd_create("shm")
+        os.ftruncate(memfd, 4096)
+        with pytest.raises(StateError):
+            backend.shmem_map(0, memfd, 0, 0, 4096, writable=False)
+        fe.negotiate(int(PF.REPLY_ACK | PF.BACKEND_REQ))  # no SHMEM
+        peer = ChannelPeer(fe, [0], delay=1.0)
+        with pytest.raises(StateError):
+            backend.shmem_map(0, memfd, 0, 0, 4096, writable=False)
+        fe.close()
+        peer.close()
+        fe = Frontend(sock_path)
+        fe.negotiate(int(ALL))
+        peer = ChannelPeer(fe, [0], delay=1.0)
+        with pytest.raises(BackendError):
+            backend.shmem_map(0, memfd, 0, 0, 4096, writable=False)
+        peer.close()
+        # After a timeout the back-end drops the channel: the late reply has nowhere to go.
+        assert peer.reply_failed
+        assert not backend.status()["backend_channel"]
+        fe.close()
+        os.close(memfd)
