@@ -8,6 +8,7 @@ from emulator.shmem.region import (
     SharedMemoryBar,
     SharedMemoryRegion,
     ShmemError,
+    default_max_mappings,
 )
 from emulator.shmem.table import MappingTable, NotMappedError, OverlapError, TableError
 
@@ -25,4 +26,5 @@ __all__ = [
     "ShmemError",
     "ShmemLayout",
     "TableError",
+    "default_max_mappings",
 ]

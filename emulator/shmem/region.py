@@ -219,20 +219,13 @@ class _Live:
         try:
             return os.pread(self.fd, size, self.fd_offset + rel)
         except OSError as exc:
-            logger.warning("shmem read of fd %d failed: %s", self.fd, exc)
+            self._warn_once("read of fd %d failed: %s", self.fd, exc)
             return b""
 
     def write(self, rel: int, data: bytes) -> None:
         """Store ``data`` at ``rel``; bytes past an unsealed file's current end are dropped."""
         if not self.writable:
-            if not self.warned:
-                self.warned = True
-                logger.warning(
-                    "guest wrote to read-only shared memory at %#x (+%#x); ignored, "
-                    "further writes to this mapping are ignored silently",
-                    self.start,
-                    self.length,
-                )
+            self._warn_once("guest write ignored: mapping is read-only")
             return
         if self.sealed:
             _memmove(self.addr + rel, data, len(data))
@@ -243,7 +236,18 @@ class _Live:
             if room > 0:
                 os.pwrite(self.fd, data[:room], position)
         except OSError as exc:
-            logger.warning("shmem write to fd %d failed: %s", self.fd, exc)
+            self._warn_once("write to fd %d failed: %s", self.fd, exc)
+
+    def _warn_once(self, message: str, *args: object) -> None:
+        """At most one warning per mapping, so a guest or back-end cannot flood the log."""
+        if not self.warned:
+            self.warned = True
+            logger.warning(
+                "shared memory [%#x, +%#x): " + message + " (further ones not logged)",
+                self.start,
+                self.length,
+                *args,
+            )
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -345,8 +349,8 @@ class SharedMemoryRegion:
             self._refuse(RefusalReason.FD, f"{span}: fd {fd} already backs a mapping")
         try:
             info = os.fstat(fd)
-        except OSError as exc:
-            self._refuse(RefusalReason.FD, f"{span}: fd {fd}: {exc.strerror}")
+        except (OSError, OverflowError) as exc:
+            self._refuse(RefusalReason.FD, f"{span}: fd {fd} is unusable: {exc}")
         if not stat.S_ISREG(info.st_mode):
             self._refuse(RefusalReason.FD, f"{span}: fd {fd} is not a regular file or memfd")
         if fd_offset + length > info.st_size:
