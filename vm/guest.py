@@ -13,6 +13,7 @@ wait at once with the console log's tail, rather than at a timeout.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import json
@@ -22,6 +23,7 @@ import selectors
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -31,7 +33,14 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from vm.qemu import HostBinaries, listening_socket, machine_args, select_accel, set_pdeathsig
+from vm.qemu import (
+    KVM_PROBE_FILE,
+    HostBinaries,
+    listening_socket,
+    machine_args,
+    select_accel,
+    set_pdeathsig,
+)
 from vm.toolchain import Toolchain, ensure_toolchain
 
 log = logging.getLogger(__name__)
@@ -102,7 +111,9 @@ class Guest:
         self.config = config
         self.toolchain = toolchain
         self.binaries = HostBinaries(toolchain.host_root)
-        self.accel = config.accel or select_accel(toolchain.cache)
+        self.accel = config.accel or select_accel(
+            toolchain.cache, str(toolchain.read_manifest()["digest"])
+        )
         self.workdir = config.workdir or Path(tempfile.mkdtemp(prefix=f"vm-{config.name}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.console_log = self.workdir / "console.log"
@@ -398,3 +409,62 @@ class Guest:
         line, self._buffer = self._buffer.split(b"\n", 1)
         message: dict[str, Any] = json.loads(line)
         return message
+
+
+def probe_kvm(toolchain: Toolchain, timeout: float = 180.0) -> dict[str, Any]:
+    """Boot the image under KVM once and cache whether it reached the agent.
+
+    The result is keyed by the image digest; vm.qemu.select_accel uses KVM only on a success.
+    """
+    digest = str(toolchain.read_manifest()["digest"])
+    result: dict[str, Any] = {"image": digest, "guest_boots": False}
+    start = time.monotonic()
+    try:
+        with Guest.boot(
+            name="kvm-probe", toolchain=toolchain, accel="kvm", boot_timeout=timeout
+        ) as g:
+            result["kernel"] = g.run(["uname", "-r"], check=True).stdout.strip()
+            result["guest_boots"] = True
+    except GuestError as exc:
+        result["error"] = str(exc).splitlines()[0]
+    result["seconds"] = round(time.monotonic() - start, 1)
+    (toolchain.cache / KVM_PROBE_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Boot the guest, run one command (or none), power off, and print the timings as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m vm.guest", description=main.__doc__)
+    parser.add_argument("--accel", choices=("tcg", "kvm"), default=None)
+    parser.add_argument("--probe-kvm", action="store_true", help="record whether KVM boots")
+    parser.add_argument("--keep", type=Path, default=None, help="workdir for the logs")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="command to run in the guest")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    toolchain = ensure_toolchain()
+    if args.probe_kvm:
+        print(json.dumps(probe_kvm(toolchain)))
+        return 0
+    start = time.monotonic()
+    with Guest.boot(name="cli", toolchain=toolchain, accel=args.accel, workdir=args.keep) as g:
+        timings: dict[str, Any] = {
+            "accel": g.accel,
+            "boot_to_agent_s": round(g.boot_seconds, 2),
+            "guest_uptime_at_agent_s": g.ready_event.get("uptime"),
+        }
+        rc = 0
+        if args.command:
+            result = g.run(args.command, timeout=600)
+            sys.stdout.write(result.stdout)
+            sys.stderr.write(result.stderr)
+            rc = result.rc
+        poweroff_start = time.monotonic()
+        timings["qemu_exit_status"] = g.poweroff()
+        timings["poweroff_s"] = round(time.monotonic() - poweroff_start, 2)
+    timings["start_to_exit_s"] = round(time.monotonic() - start, 2)
+    print(json.dumps(timings))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

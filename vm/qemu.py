@@ -175,11 +175,11 @@ def storage_daemon_blk(
         listener.close()
 
 
-def select_accel(cache: Path) -> str:
-    """TCG unless KVM was asked for or a cached probe saw a guest boot under it.
+def select_accel(cache: Path, image_digest: str) -> str:
+    """TCG unless KVM was asked for or a cached probe saw this image boot under it.
 
     /dev/kvm on the project's machines is a software KVM under which Linux guests fail, so its
-    mere presence proves nothing.
+    mere presence proves nothing. ``python -m vm.guest --probe-kvm`` writes the probe.
     """
     requested = os.environ.get(ACCEL_ENV, "").strip().lower()
     if requested in ("kvm", "tcg"):
@@ -188,7 +188,8 @@ def select_accel(cache: Path) -> str:
         raise ValueError(f"{ACCEL_ENV}={requested!r}: expected 'kvm' or 'tcg'")
     probe = cache / KVM_PROBE_FILE
     try:
-        if json.loads(probe.read_text()).get("guest_boots") is True:
+        result = json.loads(probe.read_text())
+        if result.get("guest_boots") is True and result.get("image") == image_digest:
             return "kvm"
     except (OSError, ValueError):
         pass
