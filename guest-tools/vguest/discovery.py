@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from vguest import sysfs
-from vguest.errors import DeviceMissing, EnvironmentProblem
+from vguest.errors import AccessError, DeviceMissing, EnvironmentProblem
 from vguest.sysfs import PciDevice
 
 log = logging.getLogger(__name__)
@@ -93,12 +93,14 @@ def wait_for_device(sysfs_root: str | Path, *, bdf: str | None = None, timeout: 
 
 
 def _present(sysfs_root: str | Path, bdf: str | None) -> PciDevice | None:
-    if bdf is not None:
-        try:
+    """The wanted device once its directory and attributes are readable, else None."""
+    try:
+        if bdf is not None:
             return sysfs.get_device(sysfs_root, bdf)
-        except DeviceMissing:
-            return None
-    virtio = [d for d in sysfs.scan(sysfs_root) if d.is_virtio]
+        virtio = [d for d in sysfs.scan(sysfs_root) if d.is_virtio]
+    except (DeviceMissing, AccessError) as exc:
+        log.debug("not there yet: %s", exc)
+        return None
     return virtio[0] if virtio else None
 
 

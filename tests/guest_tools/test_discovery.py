@@ -47,3 +47,11 @@ def test_fake_tree_filters(tmp_path: Path) -> None:
     assert [d.bdf for d in discovery.list_devices(tmp_path, bdf="00:05.0")] == ["0000:00:05.0"]
     assert discovery.wait_for_device(tmp_path, timeout=0).bdf == "0000:00:04.0"
     assert discovery.list_devices(tmp_path / "empty") == []
+
+
+def test_half_created_device_is_not_present_yet(tmp_path: Path) -> None:
+    (sysfs.devices_dir(tmp_path) / "0000:00:07.0").mkdir(parents=True)
+    with pytest.raises(DeviceMissing):
+        discovery.wait_for_device(tmp_path, bdf="0000:00:07.0", timeout=0.1)
+    with pytest.raises(DeviceMissing):
+        discovery.wait_for_device(tmp_path, timeout=0.1)
