@@ -1,0 +1,407 @@
+"""``vhost-device-shmem``: the reference shared-memory back-end, built on the back-end library.
+
+The device is virtio-rng compatible by default (virtio id 4, one request queue) so a real Linux
+guest's virtio_rng driver brings it up and exercises the data plane. It declares VIRTIO Shared
+Memory Regions (``--shmem-region SHMID:SIZE``) and maps memfds into them on request from a
+control socket speaking JSON lines::
+
+    {"cmd": "map", "shmid": 0, "shm_offset": 0, "length": 4096,
+     "pattern": "counter", "seed": 1, "writable": false}
+    {"cmd": "unmap", "shmid": 0, "shm_offset": 0, "length": 4096}
+    {"cmd": "read", "shmid": 0, "shm_offset": 0, "length": 4096}        (hex + sha256)
+    {"cmd": "write", "shmid": 0, "shm_offset": 0, "offset": 0, "data": "00ff"}
+    {"cmd": "status"}
+
+Each reply is one line: ``{"ok": true, ...}`` or ``{"ok": false, "error": "...", "code": N}``
+(``code`` is the front-end's status for refused SHMEM requests, else an errno).
+
+Pattern "counter": little-endian u64 words counting up from ``seed`` (wrapping at 2**64),
+truncated to the length; "zero": all zeros. ``make_pattern`` is the single place to switch to the
+guest tools' canonical pattern.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import socketserver
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from emulator.errors import BackendError, ConfigError, EmulatorError, StateError
+from emulator.vhost.backend import (
+    PAGE_SIZE,
+    VIRTIO_F_VERSION_1,
+    ShmemRequestRefused,
+    VhostUserBackend,
+    VhostUserDevice,
+)
+from emulator.vhost.messages import SHMEM_FEATURE_BIT_DRAFT, SHMEM_FEATURE_BIT_UPSTREAM
+from emulator.vhost.vring import Vring
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_RNG = 4
+DEFAULT_REGION = (0, 4 << 20)
+_SIZE_RE = re.compile(r"^(0x[0-9a-fA-F]+|\d+)\s*([KMG]i?B?|[KMG])?$")
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def make_pattern(name: str, length: int, seed: int) -> bytes:
+    """The bytes a mapping is filled with; see the module docstring for the patterns."""
+    if name == "zero":
+        return bytes(length)
+    if name != "counter":
+        raise ValueError(f"unknown pattern {name!r} (counter, zero)")
+    words = (length + 7) // 8
+    data = array.array("Q", ((seed + i) & 0xFFFFFFFFFFFFFFFF for i in range(words)))
+    if sys.byteorder == "big":
+        data.byteswap()
+    return data.tobytes()[:length]
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``0x1000``, ``64K``, ``4M``, ``4MiB``, ``1G``."""
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise ConfigError(f"bad size {text!r}")
+    value = int(match.group(1), 0)
+    unit = match.group(2)
+    return value * _UNITS[unit[0]] if unit else value
+
+
+def parse_region(text: str) -> tuple[int, int]:
+    """``SHMID:SIZE`` with a page-multiple size and a shmid below 256."""
+    shmid_text, sep, size_text = text.partition(":")
+    if not sep:
+        raise ConfigError(f"shared memory region {text!r} is not SHMID:SIZE")
+    try:
+        shmid = int(shmid_text, 0)
+    except ValueError as exc:
+        raise ConfigError(f"bad shmid in {text!r}") from exc
+    size = parse_size(size_text)
+    if not 0 <= shmid < 256:
+        raise ConfigError(f"shmid {shmid} out of range 0..255")
+    if size <= 0 or size % PAGE_SIZE:
+        raise ConfigError(f"region size {size:#x} is not a positive multiple of {PAGE_SIZE}")
+    return shmid, size
+
+
+@dataclass
+class Mapping:
+    """One live SHMEM_MAP: the memfd we created and keep, and where it is mapped."""
+
+    shmid: int
+    shm_offset: int
+    length: int
+    writable: bool
+    memfd: int
+    pattern: str
+    seed: int
+
+
+class ShmemRngDevice(VhostUserDevice):
+    """virtio-rng compatible device with VIRTIO Shared Memory Regions and memfd mappings."""
+
+    def __init__(
+        self,
+        regions: Sequence[tuple[int, int]] = (DEFAULT_REGION,),
+        *,
+        virtio_id: int = VIRTIO_ID_RNG,
+        rng_source: str = "urandom",
+        rng_seed: int = 0,
+    ) -> None:
+        self.virtio_id = virtio_id
+        self.features = VIRTIO_F_VERSION_1
+        self.num_queues = 1
+        self.rng_source = rng_source
+        self._rng_counter = rng_seed
+        sizes: dict[int, int] = {}
+        for shmid, size in regions:
+            if shmid in sizes:
+                raise ConfigError(f"shmid {shmid} declared twice")
+            sizes[shmid] = size
+        self.sizes = [sizes.get(i, 0) for i in range(max(sizes) + 1)] if sizes else []
+        self.mappings: dict[tuple[int, int], Mapping] = {}
+        self.lock = threading.Lock()
+        self.backend: VhostUserBackend | None = None
+
+    def shmem_sizes(self) -> Sequence[int]:
+        return self.sizes
+
+    def on_connect(self, backend: VhostUserBackend) -> None:
+        self.backend = backend
+
+    def on_disconnect(self) -> None:
+        """The front-end's mappings died with it; drop ours too."""
+        with self.lock:
+            for mapping in self.mappings.values():
+                os.close(mapping.memfd)
+            self.mappings.clear()
+
+    def _entropy(self, n: int) -> bytes:
+        if self.rng_source == "urandom":
+            return os.urandom(n)
+        data = make_pattern("counter", n, self._rng_counter)
+        self._rng_counter += (n + 7) // 8
+        return data
+
+    def handle_queue(self, index: int, vring: Vring) -> None:
+        used = 0
+        while (chain := vring.pop()) is not None:
+            written = chain.write(vring.memory, self._entropy(chain.writable_len))
+            vring.push(chain.head, written)
+            used += 1
+        if used:
+            vring.notify()
+
+    # -- control operations (called from the control thread) ----------------------------------
+    def _require_backend(self) -> VhostUserBackend:
+        if self.backend is None or not self.backend.connected:
+            raise StateError("no front-end", state="disconnected", required="connected")
+        return self.backend
+
+    def map(
+        self, shmid: int, shm_offset: int, length: int, pattern: str, seed: int, *, writable: bool
+    ) -> Mapping:
+        backend = self._require_backend()
+        if length <= 0:
+            raise ValueError("length must be positive")
+        content = make_pattern(pattern, length, seed)
+        memfd = os.memfd_create(f"vhost-shmem-{shmid}", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(memfd, length)
+            os.pwrite(memfd, content, 0)
+            # The front-end maps this: it must never shrink under it (SIGBUS) or grow.
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            backend.shmem_map(shmid, memfd, 0, shm_offset, length, writable=writable)
+        except BaseException:
+            os.close(memfd)
+            raise
+        mapping = Mapping(shmid, shm_offset, length, writable, memfd, pattern, seed)
+        with self.lock:
+            old = self.mappings.pop((shmid, shm_offset), None)
+            self.mappings[(shmid, shm_offset)] = mapping
+        if old is not None:
+            os.close(old.memfd)
+        return mapping
+
+    def _mapping(self, shmid: int, shm_offset: int) -> Mapping:
+        with self.lock:
+            mapping = self.mappings.get((shmid, shm_offset))
+        if mapping is None:
+            raise KeyError(f"no mapping at shmid {shmid} offset {shm_offset:#x}")
+        return mapping
+
+    def unmap(self, shmid: int, shm_offset: int, length: int) -> None:
+        self._require_backend().shmem_unmap(shmid, shm_offset, length)
+        with self.lock:
+            mapping = self.mappings.pop((shmid, shm_offset), None)
+        if mapping is not None:
+            os.close(mapping.memfd)
+
+    def read(self, shmid: int, shm_offset: int, length: int | None, offset: int = 0) -> bytes:
+        mapping = self._mapping(shmid, shm_offset)
+        n = mapping.length - offset if length is None else length
+        if offset < 0 or n < 0 or offset + n > mapping.length:
+            raise ValueError("read outside the mapping")
+        return os.pread(mapping.memfd, n, offset)
+
+    def write(self, shmid: int, shm_offset: int, offset: int, data: bytes) -> None:
+        mapping = self._mapping(shmid, shm_offset)
+        if offset < 0 or offset + len(data) > mapping.length:
+            raise ValueError("write outside the mapping")
+        os.pwrite(mapping.memfd, data, offset)
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            mappings = [
+                {
+                    "shmid": m.shmid,
+                    "shm_offset": m.shm_offset,
+                    "length": m.length,
+                    "writable": m.writable,
+                    "pattern": m.pattern,
+                    "seed": m.seed,
+                }
+                for m in self.mappings.values()
+            ]
+        base = self.backend.status() if self.backend is not None else {"connected": False}
+        return {
+            **base,
+            "virtio_id": self.virtio_id,
+            "shmem_regions": {str(i): s for i, s in enumerate(self.sizes) if s},
+            "mappings": mappings,
+        }
+
+
+def _int(req: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = req.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key!r} must be an integer")
+    return value
+
+
+def handle_command(device: ShmemRngDevice, req: dict[str, Any]) -> dict[str, Any]:
+    """One control command to one reply; never raises."""
+    try:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **device.status()}
+        shmid = _int(req, "shmid", 0)
+        shm_offset = _int(req, "shm_offset", 0)
+        if cmd == "map":
+            mapping = device.map(
+                shmid,
+                shm_offset,
+                _int(req, "length"),
+                str(req.get("pattern", "counter")),
+                _int(req, "seed", 0),
+                writable=bool(req.get("writable", False)),
+            )
+            return {"ok": True, "shmid": shmid, "shm_offset": shm_offset, "length": mapping.length}
+        if cmd == "unmap":
+            device.unmap(shmid, shm_offset, _int(req, "length"))
+            return {"ok": True}
+        if cmd == "read":
+            length = req.get("length")
+            data = device.read(
+                shmid,
+                shm_offset,
+                None if length is None else _int(req, "length"),
+                _int(req, "offset", 0),
+            )
+            return {"ok": True, "data": data.hex(), "sha256": hashlib.sha256(data).hexdigest()}
+        if cmd == "write":
+            offset = _int(req, "offset", 0)
+            if "data" in req:
+                data = bytes.fromhex(str(req["data"]))
+            else:
+                data = make_pattern(
+                    str(req.get("pattern", "counter")), _int(req, "length"), _int(req, "seed", 0)
+                )
+            device.write(shmid, shm_offset, offset, data)
+            return {"ok": True, "written": len(data)}
+        return {"ok": False, "error": f"unknown command {cmd!r}", "code": errno.ENOSYS}
+    except ShmemRequestRefused as exc:
+        return {"ok": False, "error": str(exc), "code": exc.code}
+    except StateError as exc:
+        return {"ok": False, "error": str(exc), "code": errno.ENOTCONN}
+    except (BackendError, EmulatorError) as exc:
+        return {"ok": False, "error": str(exc), "code": errno.EIO}
+    except KeyError as exc:
+        return {"ok": False, "error": str(exc.args[0]), "code": errno.ENOENT}
+    except (ValueError, TypeError) as exc:
+        return {"ok": False, "error": str(exc), "code": errno.EINVAL}
+    except OSError as exc:
+        return {"ok": False, "error": str(exc), "code": exc.errno or errno.EIO}
+
+
+class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """JSON-lines control socket; each connection gets a thread, each line one reply."""
+
+    daemon_threads = True
+
+    def __init__(self, path: str, device: ShmemRngDevice) -> None:
+        self.device = device
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        super().__init__(path, _ControlHandler)
+
+
+class _ControlHandler(socketserver.StreamRequestHandler):
+    server: ControlServer
+
+    def handle(self) -> None:
+        for line in self.rfile:
+            if not line.strip():
+                continue
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError("a command is a JSON object")
+            except ValueError as exc:
+                reply: dict[str, Any] = {"ok": False, "error": f"bad JSON: {exc}", "code": 22}
+            else:
+                log.debug("control <-- %s", req.get("cmd"))
+                reply = handle_command(self.server.device, req)
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
+            self.wfile.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vhost-device-shmem",
+        description="Reference vhost-user back-end with VIRTIO Shared Memory Regions "
+        "(virtio-rng compatible by default).",
+    )
+    parser.add_argument("--socket-path", required=True, help="vhost-user UNIX socket to listen on")
+    parser.add_argument(
+        "--shmem-region",
+        action="append",
+        type=str,
+        metavar="SHMID:SIZE",
+        help="a shared memory region (repeatable; default 0:4MiB)",
+    )
+    parser.add_argument(
+        "--shmem-feature-bit",
+        type=int,
+        choices=(SHMEM_FEATURE_BIT_UPSTREAM, SHMEM_FEATURE_BIT_DRAFT),
+        default=SHMEM_FEATURE_BIT_UPSTREAM,
+        help="protocol feature bit for SHMEM (22 upstream, 20 in the draft patches)",
+    )
+    parser.add_argument("--virtio-id", type=int, default=VIRTIO_ID_RNG, help="virtio device id")
+    parser.add_argument(
+        "--rng-source",
+        choices=("urandom", "counter"),
+        default="urandom",
+        help="bytes for the request queue: os.urandom or the deterministic counter pattern",
+    )
+    parser.add_argument("--control-socket", help="JSON-lines control socket path")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        regions = [parse_region(r) for r in args.shmem_region or []] or [DEFAULT_REGION]
+        device = ShmemRngDevice(regions, virtio_id=args.virtio_id, rng_source=args.rng_source)
+    except ConfigError as exc:
+        print(f"vhost-device-shmem: {exc}", file=sys.stderr)
+        return 2
+    backend = VhostUserBackend(device, args.socket_path, shmem_feature_bit=args.shmem_feature_bit)
+    control: ControlServer | None = None
+    if args.control_socket:
+        control = ControlServer(args.control_socket, device)
+        threading.Thread(target=control.serve_forever, name="control", daemon=True).start()
+        log.info("control socket on %s", args.control_socket)
+    signal.signal(signal.SIGTERM, lambda *_: backend.stop())
+    signal.signal(signal.SIGINT, lambda *_: backend.stop())
+    try:
+        backend.serve_forever()
+    finally:
+        if control is not None:
+            control.shutdown()
+            control.server_close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.control_socket)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
