@@ -189,7 +189,8 @@ class VirtioState:
         if new & ~old & DeviceStatus.DRIVER_OK and not new & DeviceStatus.FEATURES_OK:
             logger.warning("driver set DRIVER_OK without FEATURES_OK; not latched")
             new &= ~DeviceStatus.DRIVER_OK
-        if old & ~new or value & ~(new | DeviceStatus.DEVICE_NEEDS_RESET):
+        if requested & ~new or old & ~requested & DRIVER_STATUS_BITS:
+            # Refused bits, or bits the driver tried to clear (only a write of 0 clears).
             logger.debug("status write %#x: latched %#x (was %#x)", value, new, old)
         self.status = new
         if new & ~old & DeviceStatus.FAILED:
