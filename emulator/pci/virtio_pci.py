@@ -453,6 +453,13 @@ class VirtioPciDevice:
 
     # Config space and the virtio_pci_cfg_cap window
 
+    def _command_written(self) -> None:
+        """Bus mastering off means no more DMA: stop the back-end, as QEMU's virtio-pci does."""
+        if self.config.get_u16(PciReg.COMMAND) & PciCommand.MASTER or not self.state.active:
+            return
+        logger.info("bus mastering disabled: stopping the device")
+        self.state.stop()
+
     def _cfg_window(self) -> tuple[int, int, int, int]:
         """``(data_offset, bar, bar_offset, length)`` of the PCI configuration access window."""
         cap = self.cap_offsets[VirtioPciCapType.PCI_CFG]
@@ -480,6 +487,8 @@ class VirtioPciDevice:
 
     def _config_write(self, offset: int, data: bytes) -> None:
         self.config.write(offset, data)
+        if offset <= PciReg.COMMAND < offset + len(data):
+            self._command_written()
         data_off, bar, bar_offset, length = self._cfg_window()
         touched = offset < data_off + 4 and data_off < offset + len(data)
         if touched and self._window_usable(bar, bar_offset, length):

@@ -233,18 +233,30 @@ class VirtioState:
         self.status |= DeviceStatus.DEVICE_NEEDS_RESET
         self._on_needs_reset()
 
+    def stop(self) -> None:
+        """Stop the back-end and drop DRIVER_OK, keeping the setup (bus mastering turned off).
+
+        The driver may set DRIVER_OK again to restart with the same queues.
+        """
+        self._deactivate()
+        self.status &= ~DeviceStatus.DRIVER_OK
+
     def reset(self) -> None:
         """Back to the initial state; deactivate the back-end if it was running."""
-        if self.active:
-            self.active = False
-            try:
-                self.backend.deactivate()
-            except Exception:
-                logger.exception("back-end failed to deactivate")
+        self._deactivate()
         self.status = DeviceStatus(0)
         self.driver_features = 0
         for queue in self.queues:
             queue.reset()
+
+    def _deactivate(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        try:
+            self.backend.deactivate()
+        except Exception:
+            logger.exception("back-end failed to deactivate")
 
     # Features
 

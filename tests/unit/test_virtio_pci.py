@@ -880,3 +880,22 @@ def test_guest_memory_changed_forwards() -> None:
     dev.guest_memory_changed()
     assert calls == [1]
     make()[0].guest_memory_changed()  # no callback: nothing happens
+
+
+def test_bus_master_off_stops_the_back_end_and_driver_ok_restarts_it() -> None:
+    dev, backend = make()
+    drv = Driver(dev)
+    drv.cfg_write(PciReg.COMMAND, PciCommand.MEMORY | PciCommand.MASTER, 2)
+    bring_up(drv)
+    drv.cfg_write(PciReg.COMMAND, PciCommand.MEMORY | PciCommand.MASTER, 2)
+    assert backend.deactivations == 0
+    drv.cfg_write(PciReg.COMMAND, PciCommand.MEMORY, 2)
+    assert backend.deactivations == 1
+    assert not drv.get_status() & DeviceStatus.DRIVER_OK
+    drv.kick(0, 0)
+    assert backend.kicks == []
+    drv.cfg_write(PciReg.COMMAND, PciCommand.MEMORY | PciCommand.MASTER, 2)
+    drv.add_status(DeviceStatus.DRIVER_OK)
+    assert len(backend.activations) == 2
+    assert backend.activations[0] == backend.activations[1]
+    assert backend.kicks == [0]  # the kick made while stopped is delivered on restart
