@@ -1,9 +1,97 @@
-"""Wires the parts together and runs the selector loop (filled in by the integration step)."""
+"""Builds the emulator from its configuration and runs it until SIGTERM/SIGINT.
+
+Start-up order matters: the shared-memory BAR's size is fixed once a client has read the
+config space, so the back-end (which declares the regions with GET_SHMEM_CONFIG) is asked
+first, and only then does the vfio-user socket start listening.
+"""
 
 from __future__ import annotations
 
+import logging
+import signal
+from contextlib import ExitStack
+
 from emulator.config import EmulatorConfig
+from emulator.loop import EventLoop
+from emulator.memory import GuestMemory
+from emulator.pci.virtio_pci import VirtioPciDevice
+from emulator.shmem import SharedMemoryBar, ShmemLayout
+from emulator.trace import Tracer
+from emulator.vfio_user.server import VfioUserServer
+from emulator.vhost.frontend import VhostUserFrontend
+from emulator.virtio.backend import VirtioBackend
+from emulator.virtio.standalone import StandaloneBackend
+
+logger = logging.getLogger("emulator")
+
+
+class Emulator:
+    """The running emulator: event loop, guest memory, device, shared memory and server."""
+
+    def __init__(self, config: EmulatorConfig) -> None:
+        self.config = config
+        self._stack = ExitStack()
+        self.loop = EventLoop()
+        self._stack.callback(self.loop.close)
+        self.tracer = Tracer(config.trace)
+        self._stack.callback(self.tracer.close)
+        self.memory = GuestMemory()
+        self._stack.callback(self.memory.close)
+        try:
+            self._build()
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _build(self) -> None:
+        config = self.config
+        self.frontend: VhostUserFrontend | None = None
+        sizes = dict(config.shmem_regions)
+        if config.vhost_user_socket is not None:
+            self.frontend = VhostUserFrontend(config, self.loop, self.memory, self.tracer)
+            self._stack.callback(self.frontend.close)
+            self.frontend.connect_blocking()
+            if not sizes:
+                sizes = self.frontend.shmem_sizes
+            backend: VirtioBackend = self.frontend
+        else:
+            backend = StandaloneBackend(
+                config.virtio_id, config.num_queues, config.queue_size, config.config_size
+            )
+        layout = ShmemLayout.from_sizes(sizes) if sizes else None
+        self.shmem = SharedMemoryBar(layout) if layout is not None and layout.regions else None
+        if self.shmem is not None:
+            self._stack.callback(self.shmem.close)
+        self.device = VirtioPciDevice(
+            backend,
+            shmem_layout=layout if self.shmem is not None else None,
+            shmem=self.shmem,
+        )
+        self._stack.callback(self.device.msix.close)
+        self._stack.callback(self.device.intx.close)
+        if self.frontend is not None:
+            self.frontend.attach(self.device, self.shmem)
+        self.memory.on_change(self.device.guest_memory_changed)
+        self.server = VfioUserServer(
+            config.vfio_user_socket, self.device, self.memory, self.loop, self.tracer
+        )
+        self._stack.callback(self.server.close)
+
+    def run(self) -> None:
+        self.server.listen()
+        self.loop.stop_on_signals(signal.SIGTERM, signal.SIGINT)
+        self.loop.run()
+        logger.info("stopping (%s)", self.loop.stop_reason or "loop ended")
+
+    def close(self) -> None:
+        self._stack.close()
 
 
 def run(config: EmulatorConfig) -> int:
-    raise NotImplementedError(config)
+    """Run until a signal; returns the process exit code."""
+    emulator = Emulator(config)
+    try:
+        emulator.run()
+    finally:
+        emulator.close()
+    return 0

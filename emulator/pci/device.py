@@ -64,6 +64,7 @@ class PciDevice(Protocol):
     """A PCI function as the vfio-user server sees it."""
 
     msix: MsixVectors
+    intx: MsixVectors
 
     def region_info(self, index: int) -> RegionInfo:
         """Describe region ``index`` (0 <= index < NUM_REGIONS)."""

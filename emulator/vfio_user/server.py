@@ -1,0 +1,464 @@
+"""The vfio-user server: one UNIX socket, one client at a time, one handler per command.
+
+A guest BAR access travels in a straight line through this file: ``_on_readable`` receives
+every message already waiting (posted writes arrive in bursts), the codec decodes each one,
+``_handle`` picks the handler, the handler asks the ``PciDevice`` and returns the reply, and
+``_send`` writes it. Handlers do no I/O; a ``RemoteProtocolError`` they raise becomes an
+error reply with its errno. A framing error or a dead socket drops the client, resets the
+device and waits for the next client; nothing a client sends stops the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from emulator.errors import RemoteProtocolError, TransportError
+from emulator.loop import EventLoop
+from emulator.memory import GuestMemory
+from emulator.pci.device import (
+    NUM_IRQS,
+    NUM_REGIONS,
+    IrqIndex,
+    PciDevice,
+    RegionAccess,
+    RegionInfo,
+)
+from emulator.pci.interrupts import MsixVectors
+from emulator.trace import Tracer
+from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds
+from emulator.vfio_user import messages as m
+from emulator.vfio_user.codec import DecodeError, Decoder, Message, Role, encode, error_reply_for
+
+logger = logging.getLogger(__name__)
+
+RECV_BUFFER = 1 << 20
+PAGE_SIZE = 4096
+MAX_DMA_MAPS = 65535
+#: What we tell the client in the VERSION reply; max_msg_fds stays within the spec's 16.
+SERVER_CAPABILITIES = {
+    m.CAP_MAX_MSG_FDS: 16,
+    m.CAP_MAX_DATA_XFER_SIZE: m.DEFAULT_MAX_DATA_XFER_SIZE,
+    m.CAP_PGSIZES: PAGE_SIZE,
+    m.CAP_MAX_DMA_MAPS: MAX_DMA_MAPS,
+    m.CAP_WRITE_MULTIPLE: True,
+}
+_REGION_INFO_SIZE = m.RegionInfo.STRUCT.size
+_IRQ_FLAGS = {
+    IrqIndex.INTX: m.IrqInfoFlags.EVENTFD | m.IrqInfoFlags.MASKABLE | m.IrqInfoFlags.AUTOMASKED,
+    IrqIndex.MSI: m.IrqInfoFlags.EVENTFD,
+    IrqIndex.MSIX: m.IrqInfoFlags.EVENTFD | m.IrqInfoFlags.MASKABLE,
+    IrqIndex.ERR: m.IrqInfoFlags.EVENTFD,
+    IrqIndex.REQ: m.IrqInfoFlags.EVENTFD,
+}
+
+Handler = Callable[[Message], Message | None]
+_P = TypeVar("_P")
+
+
+class VfioUserServer:
+    """Serves ``device`` to vfio-user clients connecting to ``path``."""
+
+    def __init__(
+        self,
+        path: Path,
+        device: PciDevice,
+        memory: GuestMemory,
+        loop: EventLoop,
+        tracer: Tracer | None = None,
+    ) -> None:
+        self.path = path
+        self.device = device
+        self.memory = memory
+        self.loop = loop
+        self.tracer = tracer or Tracer(None)
+        self.clients_served = 0
+        self._listener: socket.socket | None = None
+        self._client: socket.socket | None = None
+        self._decoder: Decoder | None = None
+        self._negotiated = False
+        self._max_data_xfer = m.DEFAULT_MAX_DATA_XFER_SIZE
+        self._irqs: dict[int, MsixVectors] = {
+            IrqIndex.MSIX: device.msix,
+            IrqIndex.INTX: device.intx,
+            IrqIndex.ERR: MsixVectors(1),
+            IrqIndex.REQ: MsixVectors(1),
+        }
+        self._handlers: dict[m.Command, Handler] = {
+            m.Command.VERSION: self._version,
+            m.Command.DMA_MAP: self._dma_map,
+            m.Command.DMA_UNMAP: self._dma_unmap,
+            m.Command.DEVICE_GET_INFO: self._device_get_info,
+            m.Command.DEVICE_GET_REGION_INFO: self._get_region_info,
+            m.Command.DEVICE_GET_REGION_IO_FDS: self._get_region_io_fds,
+            m.Command.DEVICE_GET_IRQ_INFO: self._get_irq_info,
+            m.Command.DEVICE_SET_IRQS: self._set_irqs,
+            m.Command.REGION_READ: self._region_read,
+            m.Command.REGION_WRITE: self._region_write,
+            m.Command.DEVICE_RESET: self._device_reset,
+            m.Command.REGION_WRITE_MULTI: self._region_write_multi,
+        }
+
+    # -- socket life cycle ---------------------------------------------------------------
+
+    def listen(self) -> None:
+        """Bind the socket (replacing a stale one) and start accepting clients."""
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.is_socket():
+                self.path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        listener.bind(str(self.path))
+        listener.listen(1)
+        listener.setblocking(False)
+        self._listener = listener
+        self.loop.add_reader(listener.fileno(), self._accept)
+        logger.info("ready: listening for a vfio-user client on %s", self.path)
+
+    def close(self) -> None:
+        """Drop the client, stop listening and remove the socket file."""
+        self._drop_client("server shutting down")
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        for index in (IrqIndex.ERR, IrqIndex.REQ):
+            self._irqs[index].close()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            client, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        if self._client is not None:
+            logger.warning("refusing a second vfio-user client while one is connected")
+            client.close()
+            return
+        client.setblocking(False)
+        self._client = client
+        self._decoder = Decoder(Role.SERVER)
+        self._negotiated = False
+        self._max_data_xfer = m.DEFAULT_MAX_DATA_XFER_SIZE
+        self.clients_served += 1
+        self.loop.add_reader(client.fileno(), self._on_readable)
+        logger.info("vfio-user client connected")
+
+    def _drop_client(self, reason: str) -> None:
+        client, decoder = self._client, self._decoder
+        if client is None or decoder is None:
+            return
+        logger.info("vfio-user client gone: %s", reason)
+        self.loop.remove_reader(client.fileno())
+        client.close()
+        decoder.close()
+        self._client = self._decoder = None
+        # The next client starts from power-on: no DMA, no interrupts, a reset device.
+        self.device.reset()
+        for vectors in self._irqs.values():
+            vectors.disable()
+        self.memory.unmap_all()
+
+    # -- receive, dispatch, reply ----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        """Drain everything already waiting: one wake-up may carry many posted writes."""
+        while self._client is not None and self._decoder is not None:
+            try:
+                data, fds = recv_with_fds(self._client, RECV_BUFFER)
+            except BlockingIOError:
+                return
+            except (TransportError, DecodeError, RemoteProtocolError, OSError) as exc:
+                self._drop_client(str(exc))
+                return
+            if not data:
+                close_fds(fds)
+                self._drop_client("end of stream")
+                return
+            try:
+                self._decoder.feed(data, fds)
+                self._process_buffered()
+            except TransportError as exc:
+                self._drop_client(str(exc))
+                return
+            except RemoteProtocolError as exc:
+                self._drop_client(f"protocol error: {exc}")
+                return
+
+    def _process_buffered(self) -> None:
+        decoder = self._decoder
+        while decoder is not None and decoder is self._decoder:
+            try:
+                message = decoder.next_message()
+            except DecodeError as exc:
+                if exc.fatal:
+                    raise
+                logger.warning("bad vfio-user message: %s", exc)
+                self._trace_in_error(exc)
+                raw_reply = error_reply_for(exc)
+                if raw_reply is not None:
+                    self._send_raw(raw_reply)
+                continue
+            if message is None:
+                return
+            self._trace(message, "in")
+            reply = self._handle(message)
+            if reply is not None:
+                self._send(reply)
+
+    def _handle(self, message: Message) -> Message | None:
+        """Run the handler; turn refusals into error replies. Closes unclaimed fds."""
+        try:
+            if not self._negotiated and message.command is not m.Command.VERSION:
+                raise RemoteProtocolError(f"{message.command.name} before VERSION")
+            handler = self._handlers.get(message.command)
+            if handler is None:
+                raise RemoteProtocolError(f"{message.command.name} is not served", errno.ENOTSUP)
+            reply = handler(message)
+        except RemoteProtocolError as exc:
+            logger.warning("refused %s id=%d: %s", message.command.name, message.msg_id, exc)
+            reply = message.error_reply(exc.errno)
+        except (TransportError, OSError):
+            raise
+        except Exception:
+            logger.exception("handler for %s failed", message.command.name)
+            reply = message.error_reply(errno.EIO)
+        finally:
+            message.close()
+        return reply if message.reply_expected else None
+
+    def _send(self, reply: Message) -> None:
+        data, fds = encode(reply)
+        self._trace(reply, "out", len(data))
+        self._send_raw(data, fds)
+
+    def _send_raw(self, data: bytes, fds: list[int] | None = None) -> None:
+        if self._client is None:
+            return
+        self._client.setblocking(True)
+        try:
+            send_with_fds(self._client, data, fds or ())
+        finally:
+            if self._client is not None:
+                self._client.setblocking(False)
+
+    def _trace(self, message: Message, direction: str, size: int | None = None) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            arrow = "-->" if direction == "in" else "<--"
+            logger.debug(
+                "%s %s id=%d size=%d nfds=%d%s",
+                arrow,
+                message.command.name,
+                message.msg_id,
+                size if size is not None else message.size,
+                len(message.fds),
+                f" error={message.error}" if message.is_error else "",
+            )
+        if self.tracer.enabled:
+            self.tracer.record(
+                "vfio-user",
+                direction,
+                message.command.name,
+                msg_id=message.msg_id,
+                size=size if size is not None else message.size,
+                nfds=len(message.fds),
+                payload=message.payload,
+                error=message.error if message.is_error else None,
+            )
+
+    def _trace_in_error(self, exc: DecodeError) -> None:
+        if self.tracer.enabled:
+            self.tracer.record(
+                "vfio-user", "in", f"invalid:{exc.command}", msg_id=exc.msg_id, error=exc.errno
+            )
+
+    # -- handlers: one per command -----------------------------------------------------------
+
+    def _version(self, message: Message) -> Message:
+        request = _payload(message, m.Version)
+        if self._negotiated:
+            raise RemoteProtocolError("VERSION sent twice")
+        if request.major != 0:
+            raise RemoteProtocolError(
+                f"unsupported protocol version {request.major}.{request.minor}"
+            )
+        client_caps = request.caps
+        xfer = client_caps.get(m.CAP_MAX_DATA_XFER_SIZE, m.DEFAULT_MAX_DATA_XFER_SIZE)
+        self._max_data_xfer = min(int(xfer), m.DEFAULT_MAX_DATA_XFER_SIZE)
+        self._negotiated = True
+        logger.info("vfio-user client speaks %d.%d: %s", request.major, request.minor, client_caps)
+        reply = m.Version(0, 0, {m.CAPABILITIES: dict(SERVER_CAPABILITIES)})
+        return message.reply(reply)
+
+    def _dma_map(self, message: Message) -> Message:
+        request = _payload(message, m.DmaMap)
+        fds = message.take_fds()
+        if len(fds) > 1:
+            close_fds(fds)
+            raise RemoteProtocolError("DMA_MAP carries at most one fd")
+        flags = m.DmaMapFlags(request.flags)
+        self.memory.map(
+            request.address,
+            request.size,
+            fd=fds[0] if fds else None,
+            fd_offset=request.offset,
+            readable=bool(flags & m.DmaMapFlags.READ),
+            writable=bool(flags & m.DmaMapFlags.WRITE),
+        )
+        return message.reply()
+
+    def _dma_unmap(self, message: Message) -> Message:
+        request = _payload(message, m.DmaUnmap)
+        flags = m.DmaUnmapFlags(request.flags)
+        if flags & m.DmaUnmapFlags.GET_DIRTY_BITMAP:
+            raise RemoteProtocolError("dirty page tracking is not supported", errno.ENOTSUP)
+        if flags & m.DmaUnmapFlags.ALL:
+            if request.address or request.size:
+                raise RemoteProtocolError("DMA_UNMAP ALL with an address or size")
+            self.memory.unmap_all()
+        else:
+            self.memory.unmap(request.address, request.size)
+        return message.reply(request)
+
+    def _device_get_info(self, message: Message) -> Message:
+        request = _payload(message, m.DeviceInfo)
+        size = m.DeviceInfo.STRUCT.size
+        if request.argsz < size:
+            raise RemoteProtocolError(f"DEVICE_GET_INFO argsz {request.argsz} < {size}")
+        flags = m.DeviceFlags.RESET | m.DeviceFlags.PCI
+        return message.reply(m.DeviceInfo(size, flags, NUM_REGIONS, NUM_IRQS))
+
+    def _get_region_info(self, message: Message) -> Message:
+        request = _payload(message, m.RegionInfo)
+        if request.argsz < _REGION_INFO_SIZE:
+            raise RemoteProtocolError(f"region info argsz {request.argsz} < {_REGION_INFO_SIZE}")
+        info = self._region(request.index)
+        flags = m.RegionFlags(0)
+        if info.access & RegionAccess.READ:
+            flags |= m.RegionFlags.READ
+        if info.access & RegionAccess.WRITE:
+            flags |= m.RegionFlags.WRITE
+        # No region is mmappable: QEMU maps region fds once and never again, and the
+        # shared-memory BAR changes under it. Without capabilities the answer is 32 bytes.
+        return message.reply(m.RegionInfo(_REGION_INFO_SIZE, flags, info.index, 0, info.size, 0))
+
+    def _get_region_io_fds(self, message: Message) -> Message:
+        request = _payload(message, m.RegionIoFdsRequest)
+        self._region(request.index)
+        size = m.RegionIoFdsRequest.STRUCT.size
+        return message.reply(m.RegionIoFdsReply(size, 0, request.index, 0))
+
+    def _get_irq_info(self, message: Message) -> Message:
+        request = _payload(message, m.IrqInfo)
+        if not 0 <= request.index < NUM_IRQS:
+            raise RemoteProtocolError(f"no IRQ index {request.index}")
+        flags = _IRQ_FLAGS[IrqIndex(request.index)]
+        count = self.device.irq_count(request.index)
+        return message.reply(m.IrqInfo(m.IrqInfo.STRUCT.size, flags, request.index, count))
+
+    def _set_irqs(self, message: Message) -> Message:
+        request = _payload(message, m.SetIrqs)
+        fds = list(message.take_fds())
+        try:
+            vectors = self._irqs.get(request.index)
+            if vectors is None:
+                raise RemoteProtocolError(f"IRQ index {request.index} takes no SET_IRQS")
+            self._apply_irq_set(vectors, request, fds)
+        except BaseException:
+            close_fds(fds)
+            raise
+        return message.reply()
+
+    def _apply_irq_set(self, vectors: MsixVectors, request: m.SetIrqs, fds: list[int]) -> None:
+        flags = m.IrqSetFlags(request.flags)
+        start, count = request.start, request.count
+        if count and (start >= vectors.count or start + count > vectors.count):
+            raise RemoteProtocolError(f"vectors {start}+{count} outside 0..{vectors.count}")
+        if flags & m.IrqSetFlags.ACTION_TRIGGER:
+            if flags & m.IrqSetFlags.DATA_EVENTFD:
+                if fds and len(fds) != count:
+                    raise RemoteProtocolError(f"{len(fds)} eventfds for {count} vectors")
+                # No fds for a run of vectors means QEMU passed -1 for each: disconnect them.
+                vectors.set_eventfds(start, fds or [None] * count)
+                fds.clear()
+            elif fds:
+                raise RemoteProtocolError("fds sent without DATA_EVENTFD")
+            elif count == 0 and flags & m.IrqSetFlags.DATA_NONE:
+                vectors.disable()
+            elif flags & m.IrqSetFlags.DATA_NONE:
+                for vector in range(start, start + count):
+                    vectors.trigger(vector)
+            else:
+                for vector, fire in enumerate(request.data, start):
+                    if fire:
+                        vectors.trigger(vector)
+            return
+        if fds:
+            raise RemoteProtocolError("fds sent with a MASK/UNMASK action")
+        masked = bool(flags & m.IrqSetFlags.ACTION_MASK)
+        if flags & m.IrqSetFlags.DATA_BOOL:
+            for vector, bit in enumerate(request.data, start):
+                if bit:
+                    vectors.set_masked(vector, 1, masked)
+        else:
+            vectors.set_masked(start, count, masked)
+
+    def _region_read(self, message: Message) -> Message:
+        access = _payload(message, m.RegionAccess)
+        self._check_access(access, RegionAccess.READ)
+        data = self.device.region_read(access.region, access.offset, access.count)
+        return message.reply(m.RegionAccess(access.offset, access.region, len(data), data))
+
+    def _region_write(self, message: Message) -> Message:
+        access = _payload(message, m.RegionAccess)
+        self._check_access(access, RegionAccess.WRITE)
+        self.device.region_write(access.region, access.offset, access.data)
+        return message.reply(m.RegionAccess(access.offset, access.region, access.count))
+
+    def _region_write_multi(self, message: Message) -> Message:
+        request = _payload(message, m.RegionWriteMulti)
+        for access in request.writes:
+            self._check_access(access, RegionAccess.WRITE)
+        for access in request.writes:
+            self.device.region_write(access.region, access.offset, access.data)
+        return message.reply(m.RegionWriteMultiReply(len(request.writes)))
+
+    def _device_reset(self, message: Message) -> Message:
+        self.device.reset()
+        return message.reply()
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _region(self, index: int) -> RegionInfo:
+        if not 0 <= index < NUM_REGIONS:
+            raise RemoteProtocolError(f"no region {index}")
+        return self.device.region_info(index)
+
+    def _check_access(self, access: m.RegionAccess, need: RegionAccess) -> None:
+        info = self._region(access.region)
+        if not info.access & need:
+            raise RemoteProtocolError(f"region {access.region} does not allow {need.name}")
+        if access.count > self._max_data_xfer:
+            raise RemoteProtocolError(f"access of {access.count} bytes exceeds the maximum")
+        if access.offset + access.count > info.size:
+            raise RemoteProtocolError(
+                f"access {access.offset:#x}+{access.count} outside region {access.region} "
+                f"of {info.size:#x} bytes"
+            )
+
+
+def _payload(message: Message, kind: type[_P]) -> _P:
+    payload = message.payload
+    if not isinstance(payload, kind):
+        raise RemoteProtocolError(f"{message.command.name} without a {kind.__name__} payload")
+    return payload
