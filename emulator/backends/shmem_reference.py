@@ -8,26 +8,25 @@ control socket speaking JSON lines::
     {"cmd": "map", "shmid": 0, "shm_offset": 0, "length": 4096,
      "pattern": "counter", "seed": 1, "writable": false}
     {"cmd": "unmap", "shmid": 0, "shm_offset": 0, "length": 4096}
-    {"cmd": "read", "shmid": 0, "shm_offset": 0, "length": 4096}        (hex + sha256)
+    {"cmd": "read", "shmid": 0, "shm_offset": 0, "length": 4096}        (hex + crc32c)
     {"cmd": "write", "shmid": 0, "shm_offset": 0, "offset": 0, "data": "00ff"}
     {"cmd": "status"}
 
 Each reply is one line: ``{"ok": true, ...}`` or ``{"ok": false, "error": "...", "code": N}``
 (``code`` is the front-end's status for refused SHMEM requests, else an errno).
 
-Pattern "counter": little-endian u64 words counting up from ``seed`` (wrapping at 2**64),
-truncated to the length; "zero": all zeros. ``make_pattern`` is the single place to switch to the
-guest tools' canonical pattern.
+Patterns and checksums are the guest tools' own (``vguest.pattern``), so what the guest
+verifies with ``vguest verify`` is byte for byte what the back-end wrote: "counter" is
+little-endian u64 words counting up from ``seed``, "xorshift" and "constant" as documented
+there, "zero" all zeros; checksums are CRC-32C.
 """
 
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from vguest.pattern import PatternKind, crc32c, generate
 
 from emulator.errors import BackendError, ConfigError, EmulatorError, StateError
 from emulator.vhost.backend import (
@@ -60,16 +61,15 @@ _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def make_pattern(name: str, length: int, seed: int) -> bytes:
-    """The bytes a mapping is filled with; see the module docstring for the patterns."""
+    """The bytes a mapping is filled with: "zero" or one of ``vguest.pattern.PatternKind``."""
     if name == "zero":
         return bytes(length)
-    if name != "counter":
-        raise ValueError(f"unknown pattern {name!r} (counter, zero)")
-    words = (length + 7) // 8
-    data = array.array("Q", ((seed + i) & 0xFFFFFFFFFFFFFFFF for i in range(words)))
-    if sys.byteorder == "big":
-        data.byteswap()
-    return data.tobytes()[:length]
+    try:
+        kind = PatternKind[name.upper()]
+    except KeyError:
+        kinds = ", ".join(k.name.lower() for k in PatternKind)
+        raise ValueError(f"unknown pattern {name!r} ({kinds}, zero)") from None
+    return generate(kind, seed, length)
 
 
 def parse_size(text: str) -> int:
@@ -283,7 +283,7 @@ def handle_command(device: ShmemRngDevice, req: dict[str, Any]) -> dict[str, Any
                 None if length is None else _int(req, "length"),
                 _int(req, "offset", 0),
             )
-            return {"ok": True, "data": data.hex(), "sha256": hashlib.sha256(data).hexdigest()}
+            return {"ok": True, "data": data.hex(), "crc32c": crc32c(data)}
         if cmd == "write":
             offset = _int(req, "offset", 0)
             if "data" in req:
