@@ -3,7 +3,7 @@
 # No systemd: a direct script reaches the agent seconds sooner under TCG. When the agent ends,
 # for whatever reason, the guest powers off so the host sees QEMU exit instead of a hang.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-say() { echo "virtio-emu-init: $*" > /dev/console; }
+say() { echo "virtio-emu-init: [$(cut -d" " -f1 /proc/uptime)] $*" > /dev/console; }
 
 mnt() { mountpoint -q "$3" || mount -t "$1" "$2" "$3"; }
 mnt proc proc /proc

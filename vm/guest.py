@@ -246,7 +246,8 @@ class Guest:
     def close(self) -> None:
         """Power off if still running, kill QEMU if that fails; idempotent."""
         try:
-            if self.running:
+            # Without a ready agent nobody would act on a power-off request: kill at once.
+            if self.running and self.ready_event:
                 try:
                     self.poweroff()
                 except GuestError as exc:
