@@ -190,6 +190,10 @@ class VhostUserFrontend:
         self._close_queue_fds()
         self.drop_mappings()
 
+    def reset(self) -> None:
+        """A device reset drops every shared-memory mapping, even before DRIVER_OK."""
+        self.drop_mappings()
+
     def kick(self, queue: int) -> None:
         fd = self._kick_fds.get(queue)
         if fd is not None:

@@ -65,7 +65,11 @@ class VirtioBackend(Protocol):
         ...
 
     def deactivate(self) -> None:
-        """The device was reset (status 0 or function reset) after a successful activate."""
+        """Stop the queues started by a successful ``activate`` (reset or bus mastering off)."""
+        ...
+
+    def reset(self) -> None:
+        """Every device reset, active or not: drop device state such as shared-memory mappings."""
         ...
 
     def kick(self, queue: int) -> None:

@@ -44,6 +44,9 @@ class StandaloneBackend:
     def deactivate(self) -> None:
         self.active_queues = ()
 
+    def reset(self) -> None:
+        self.driver_features = 0
+
     def kick(self, queue: int) -> None:
         if 0 <= queue < self.num_queues:
             self.kicks[queue] += 1

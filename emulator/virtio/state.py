@@ -242,8 +242,12 @@ class VirtioState:
         self.status &= ~DeviceStatus.DRIVER_OK
 
     def reset(self) -> None:
-        """Back to the initial state; deactivate the back-end if it was running."""
+        """Back to the initial state; deactivate the back-end if it was running, then reset it."""
         self._deactivate()
+        try:
+            self.backend.reset()
+        except Exception:
+            logger.exception("back-end failed to reset")
         self.status = DeviceStatus(0)
         self.driver_features = 0
         for queue in self.queues:

@@ -50,6 +50,7 @@ class FakeBackend:
     config: bytearray = field(default_factory=lambda: bytearray(range(40)))
     activations: list[tuple[int, tuple[QueueConfig, ...]]] = field(default_factory=list)
     deactivations: int = 0
+    resets: int = 0
     kicks: list[int] = field(default_factory=list)
     fail_activate: bool = False
 
@@ -68,6 +69,9 @@ class FakeBackend:
 
     def deactivate(self) -> None:
         self.deactivations += 1
+
+    def reset(self) -> None:
+        self.resets += 1
 
     def kick(self, queue: int) -> None:
         self.kicks.append(queue)
