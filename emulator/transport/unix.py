@@ -19,15 +19,21 @@ _FD_SIZE = array.array("i").itemsize
 
 
 def recv_with_fds(
-    sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS_PER_MESSAGE
+    sock: socket.socket,
+    bufsize: int,
+    maxfds: int = MAX_FDS_PER_MESSAGE,
+    *,
+    nonblocking: bool = False,
 ) -> tuple[bytes, list[int]]:
     """Receive up to ``bufsize`` bytes and any fds sent with them.
 
-    Returns ``(b"", [])`` on orderly shutdown. Raises ``BlockingIOError`` on a non-blocking
-    socket with nothing to read, ``TransportError`` on a reset connection.
+    Returns ``(b"", [])`` on orderly shutdown. Raises ``BlockingIOError`` when nothing is
+    waiting on a non-blocking socket, or on any socket with ``nonblocking`` (MSG_DONTWAIT),
+    and ``TransportError`` on a reset connection.
     """
+    flags = socket.MSG_DONTWAIT if nonblocking else 0
     try:
-        data, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * _FD_SIZE))
+        data, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * _FD_SIZE), flags)
     except (ConnectionResetError, BrokenPipeError) as exc:
         raise TransportError(f"connection lost: {exc}") from exc
     fds: list[int] = []

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -49,6 +50,7 @@ SERVER_CAPABILITIES = {
     m.CAP_WRITE_MULTIPLE: True,
 }
 _REGION_INFO_SIZE = m.RegionInfo.STRUCT.size
+_SEND_TIMEOUT = struct.pack("ll", 5, 0)
 _IRQ_FLAGS = {
     IrqIndex.INTX: m.IrqInfoFlags.EVENTFD | m.IrqInfoFlags.MASKABLE | m.IrqInfoFlags.AUTOMASKED,
     IrqIndex.MSI: m.IrqInfoFlags.EVENTFD,
@@ -145,7 +147,10 @@ class VfioUserServer:
             logger.warning("refusing a second vfio-user client while one is connected")
             client.close()
             return
-        client.setblocking(False)
+        # Blocking sends bounded by SO_SNDTIMEO, so a client that stops reading is dropped
+        # instead of stalling the loop; receives use MSG_DONTWAIT. No fcntl per message.
+        client.setblocking(True)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _SEND_TIMEOUT)
         self._client = client
         self._decoder = Decoder(Role.SERVER)
         self._negotiated = False
@@ -175,7 +180,7 @@ class VfioUserServer:
         """Drain everything already waiting: one wake-up may carry many posted writes."""
         while self._client is not None and self._decoder is not None:
             try:
-                data, fds = recv_with_fds(self._client, RECV_BUFFER)
+                data, fds = recv_with_fds(self._client, RECV_BUFFER, nonblocking=True)
             except BlockingIOError:
                 return
             except (TransportError, DecodeError, RemoteProtocolError, OSError) as exc:
@@ -245,12 +250,10 @@ class VfioUserServer:
     def _send_raw(self, data: bytes, fds: list[int] | None = None) -> None:
         if self._client is None:
             return
-        self._client.setblocking(True)
         try:
             send_with_fds(self._client, data, fds or ())
-        finally:
-            if self._client is not None:
-                self._client.setblocking(False)
+        except OSError as exc:
+            raise TransportError(f"cannot send to the client: {exc}") from exc
 
     def _trace(self, message: Message, direction: str, size: int | None = None) -> None:
         if logger.isEnabledFor(logging.DEBUG):
