@@ -57,6 +57,7 @@ GUEST_PACKAGES = (
 )
 IMAGE_SIZE = "1G"
 IMAGE_LABEL = "guestroot"
+KEEP_IMAGES = 4
 AGENT_PATH_IN_GUEST = "/usr/local/lib/virtio-emu/agent.py"
 INIT_PATH_IN_GUEST = "/usr/local/sbin/virtio-emu-init"
 # Bump when a step's procedure changes in a way its recipe does not capture.
@@ -85,9 +86,14 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class Toolchain:
-    """Paths of a built toolchain; what vm.qemu and vm.guest consume."""
+    """Paths of a built toolchain; what vm.qemu and vm.guest consume.
+
+    Images live in ``images/<digest>``: clones whose guest tools differ each keep their own image
+    instead of rebuilding one shared file under each other's running guests.
+    """
 
     cache: Path
+    image_digest: str
 
     @property
     def host_root(self) -> Path:
@@ -100,7 +106,7 @@ class Toolchain:
 
     @property
     def image_dir(self) -> Path:
-        return self.cache / "image"
+        return self.cache / "images" / self.image_digest
 
     @property
     def rootfs(self) -> Path:
@@ -265,7 +271,6 @@ class Builder:
 
     def __init__(self, options: BuildOptions) -> None:
         self.opts = options
-        self.tc = Toolchain(options.cache)
         self.cache = options.cache
         self.stamps = self.cache / "stamps"
         self.logs = self.cache / "logs"
@@ -276,6 +281,8 @@ class Builder:
     def _stamp_ok(self, step: str, digest: str, output: Path) -> bool:
         if step in self.opts.force:
             return False
+        if output.name == digest:  # a directory named by its digest is its own stamp
+            return output.exists()
         stamp = self.stamps / step
         return output.exists() and stamp.exists() and stamp.read_text().strip() == digest
 
@@ -313,8 +320,7 @@ class Builder:
             base = self._base_root()
             host = self._host_root(base)
             guest = self._guest_root(base)
-            self._image(guest, host)
-        return self.tc
+            return self._image(guest, host)
 
     def _host_packages(self) -> None:
         missing = sorted(
@@ -427,7 +433,7 @@ class Builder:
 
         return self._derived_root("guest-root", base, GUEST_PACKAGES, argv, check)
 
-    def _image(self, guest: str, host: str) -> None:
+    def _image(self, guest: str, host: str) -> Toolchain:
         tools = _hash_tree(
             REPO_ROOT / "guest-tools",
             frozenset({"__pycache__", "build", ".mypy_cache", ".pytest_cache"}),
@@ -435,7 +441,8 @@ class Builder:
         )
         agent_inputs = [(VM_DIR / name).read_text() for name in ("agent.py", "guest-init.sh")]
         digest = _hash("image", RECIPE_VERSION, guest, host, tools, agent_inputs, IMAGE_SIZE)
-        out = self.tc.image_dir
+        tc = Toolchain(self.cache, digest)
+        out = tc.image_dir
 
         def build() -> None:
             tmp = self.cache / "image.tmp"
@@ -446,7 +453,7 @@ class Builder:
             runner = _Runner("image", self.logs / "image.log")
             try:
                 # Hard links make the copy nearly free; everything below writes new files only.
-                runner.run(["cp", "-al", str(self.tc.guest_root), str(staging)])
+                runner.run(["cp", "-al", str(tc.guest_root), str(staging)])
                 tools_installed = self._install_guest_tools(staging, runner)
                 _install_agent(staging)
                 runner.run(
@@ -471,7 +478,7 @@ class Builder:
                 manifest = {
                     "digest": digest,
                     "kernel_release": kernel.name.removeprefix("vmlinuz-"),
-                    "qemu_version": _qemu_version(self.tc.host_root),
+                    "qemu_version": _qemu_version(tc.host_root),
                     "guest_tools": tools_installed,
                     "label": IMAGE_LABEL,
                     "init": INIT_PATH_IN_GUEST,
@@ -481,9 +488,24 @@ class Builder:
                 runner.close()
                 _remove_tree(staging)
             _remove_tree(out)
+            out.parent.mkdir(exist_ok=True)
             tmp.rename(out)
+            self._prune_images(keep=out)
 
         self._step("image", digest, out, "guest image (rootfs.ext4, vmlinuz, initrd)", build)
+        os.utime(out)  # most recently used last, for pruning
+        return tc
+
+    def _prune_images(self, keep: Path) -> None:
+        """Drop all but the most recently used images (and the pre-digest layout's one)."""
+        _remove_tree(self.cache / "image")
+        others = sorted(
+            (p for p in keep.parent.iterdir() if p != keep and p.is_dir()),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for old in others[KEEP_IMAGES - 1 :]:
+            _remove_tree(old)
 
     def _install_guest_tools(self, staging: Path, runner: _Runner) -> bool:
         makefile = REPO_ROOT / "guest-tools" / "Makefile"

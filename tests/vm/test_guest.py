@@ -7,7 +7,6 @@ import json
 import pytest
 
 from vm.guest import Guest, GuestCommandError
-from vm.qemu import HostBinaries, device_help
 from vm.toolchain import Toolchain
 
 pytestmark = pytest.mark.vm
@@ -78,10 +77,3 @@ def test_reset_reboots_the_guest(guest: Guest) -> None:
     assert guest.run(["test", "-e", "/run/marker"]).rc == 1  # tmpfs is gone: a real reboot
     assert guest.run(["uname", "-r"], check=True).stdout.startswith("6.12.")
     assert ready["uptime"] < before + 60
-
-
-@pytest.mark.qemu
-def test_qemu_has_vfio_user_and_vhost_user_test_devices(toolchain: Toolchain) -> None:
-    text = device_help(HostBinaries(toolchain.host_root))
-    assert '"vfio-user-pci"' in text
-    assert '"vhost-user-test-device-pci"' in text
