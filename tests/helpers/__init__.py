@@ -1,0 +1,1 @@
+"""Shared test helpers: real emulator/back-end processes and a small virtio driver."""
