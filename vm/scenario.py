@@ -1,0 +1,587 @@
+"""A whole setup in one ``with``: vhost-user back-end(s), front-end(s) and a QEMU 11.1 guest.
+
+Each device is a back-end plus a front-end: either our emulator (QEMU's ``vfio-user-pci``
+connects to it) or QEMU's own vhost-user device (``-chardev`` straight to the back-end), so
+the same guest checks can run against both. Everything started here stops on the way out,
+failures included, in reverse order (guest, emulators, back-ends); children also carry
+``PR_SET_PDEATHSIG`` so nothing outlives the Python process. Nothing waits by sleeping:
+back-ends that accept a listening socket get one made here; the others, and the emulator, are
+awaited on the log line that says they listen.
+
+    with Scenario.run(ShmemBackend(regions=((0, 4 << 20),)), name="t") as sc:
+        sc.backend_ok(cmd="map", shmid=0, shm_offset=0, length=65536, pattern="counter")
+        sc.vguest("verify", sc.bdf(), "--shm", "0", "0", "65536", "--pattern", "counter")
+
+Every step can be wrapped in ``sc.step("what")``: a failure inside names the step and carries
+the tails of the guest console and of every process log (``sc.failure_report()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from vm.guest import Guest
+from vm.qemu import HostBinaries, listening_socket, set_pdeathsig
+from vm.toolchain import REPO_ROOT, Toolchain, ensure_toolchain
+
+log = logging.getLogger(__name__)
+
+Frontend = Literal["emulator", "qemu"]
+START_TIMEOUT = 120.0
+STOP_TIMEOUT = 15.0
+CONTROL_TIMEOUT = 60.0
+
+
+class ScenarioError(Exception):
+    """A scenario step failed; the message names the step and carries the log tails."""
+
+
+class LoggedProcess:
+    """A child whose output goes to a log file and can be awaited line by line."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.returncode: int | None = None
+        self._lines: list[str] = []
+        self._eof = False
+        self._cond = threading.Condition()
+        self._proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=tuple(pass_fds),
+            preexec_fn=set_pdeathsig,  # noqa: PLW1509 -- only a prctl, no locks taken
+        )
+        self._thread = threading.Thread(target=self._pump, name=f"log-{name}", daemon=True)
+        self._thread.start()
+        log.debug("%s: pid %d: %s", name, self._proc.pid, " ".join(self.argv))
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc.poll() is None
+
+    def _pump(self) -> None:
+        assert self._proc.stdout is not None
+        with open(self.log_path, "ab") as out:
+            for raw in self._proc.stdout:
+                out.write(raw)
+                out.flush()
+                with self._cond:
+                    self._lines.append(raw.decode(errors="replace").rstrip("\n"))
+                    self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT) -> str:
+        """The first output line matching ``pattern``; fails at once if the process ends."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self._lines[seen:]:
+                    if regex.search(line):
+                        return line
+                seen = len(self._lines)
+                if self._eof:
+                    rc = self._proc.wait()
+                    raise ScenarioError(
+                        f"{self.name} exited with {rc} before logging /{pattern}/\n{self.tail()}"
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ScenarioError(
+                        f"{self.name} did not log /{pattern}/ within {timeout:.0f}s\n{self.tail()}"
+                    )
+                self._cond.wait(remaining)
+
+    def lines(self, pattern: str = "") -> list[str]:
+        regex = re.compile(pattern)
+        with self._cond:
+            return [line for line in self._lines if regex.search(line)]
+
+    def tail(self, lines: int = 40) -> str:
+        with self._cond:
+            text = self._lines[-lines:]
+        return f"--- {self.name}: {self.log_path} (last {len(text)} lines)\n" + "\n".join(text)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s ignored SIGTERM for %.0fs; killing it", self.name, timeout)
+                self._proc.kill()
+        self.returncode = self._proc.wait()
+        self._thread.join(timeout)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        return self.returncode
+
+
+class Control:
+    """Client of vhost-device-shmem's JSON-lines control socket."""
+
+    def __init__(self, path: Path, timeout: float = CONTROL_TIMEOUT) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rwb")
+
+    def __call__(self, **request: Any) -> dict[str, Any]:
+        self.file.write(json.dumps(request).encode() + b"\n")
+        self.file.flush()
+        line = self.file.readline()
+        if not line:
+            raise ScenarioError(f"control socket closed while waiting for {request}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+# --- back-ends -------------------------------------------------------------------------------
+
+
+class Backend(Protocol):
+    """A vhost-user back-end: how to start it and how each front-end presents it."""
+
+    label: str
+    virtio_id: int
+    num_queues: int
+    config_size: int
+
+    def start(self, sc: Scenario, socket_path: Path) -> LoggedProcess: ...
+
+    def native_device(self, chardev: str) -> str:
+        """QEMU's own ``-device`` for this back-end."""
+        ...
+
+
+@dataclass(frozen=True)
+class ShmemBackend:
+    """The reference back-end ``vhost-device-shmem`` (virtio-rng compatible, with shmem)."""
+
+    regions: tuple[tuple[int, int], ...] = ((0, 4 << 20),)
+    feature_bit: int = 22
+    rng_source: str = "urandom"
+    extra_args: tuple[str, ...] = ()
+    label: str = "vhost-device-shmem"
+    virtio_id: int = 4
+    num_queues: int = 1
+    config_size: int = 0
+
+    def start(self, sc: Scenario, socket_path: Path) -> LoggedProcess:
+        control = socket_path.with_suffix(".ctl")
+        argv = [
+            sys.executable, "-m", "emulator.backends.shmem_reference",
+            "--socket-path", str(socket_path),
+            "--control-socket", str(control),
+            "--shmem-feature-bit", str(self.feature_bit),
+            "--rng-source", self.rng_source,
+            *(a for shmid, size in self.regions for a in ("--shmem-region", f"{shmid}:{size}")),
+            *self.extra_args,
+        ]  # fmt: skip
+        proc = sc.spawn(self.label, argv)
+        # The control socket is bound before the vhost-user socket starts listening.
+        proc.wait_for(r"listening on ")
+        return proc
+
+    def native_device(self, chardev: str) -> str:
+        return (
+            f"vhost-user-test-device-pci,chardev={chardev},virtio-id={self.virtio_id},"
+            f"num_vqs={self.num_queues}"
+        )
+
+
+@dataclass(frozen=True)
+class VirtiofsdBackend:
+    """virtiofsd as packaged; ``--tag`` makes it offer PROTOCOL_F_CONFIG with the tag in it."""
+
+    shared_dir: Path
+    tag: str = "hostshare"
+    extra_args: tuple[str, ...] = ("--sandbox=namespace",)
+    label: str = "virtiofsd"
+    virtio_id: int = 26
+    num_queues: int = 2  # hiprio + one request queue
+    config_size: int = 40  # struct virtio_fs_config: tag[36], num_request_queues
+
+    def start(self, sc: Scenario, socket_path: Path) -> LoggedProcess:
+        with contextlib.closing(listening_socket(socket_path)) as listener:
+            fd = listener.fileno()
+            argv = sc.binaries.virtiofsd_argv(
+                f"--fd={fd}", f"--shared-dir={self.shared_dir}", f"--tag={self.tag}",
+                *self.extra_args,
+            )  # fmt: skip
+            return sc.spawn(self.label, argv, env=sc.binaries.env(), pass_fds=(fd,))
+
+    def native_device(self, chardev: str) -> str:
+        return f"vhost-user-fs-pci,chardev={chardev},tag={self.tag}"
+
+
+@dataclass(frozen=True)
+class BlockBackend:
+    """qemu-storage-daemon exporting a raw image as vhost-user-blk (one queue)."""
+
+    image: Path
+    label: str = "qemu-storage-daemon"
+    virtio_id: int = 2
+    num_queues: int = 1
+    config_size: int = 60  # struct virtio_blk_config up to write_zeroes_may_unmap + padding
+
+    def start(self, sc: Scenario, socket_path: Path) -> LoggedProcess:
+        with contextlib.closing(listening_socket(socket_path)) as listener:
+            fd = listener.fileno()
+            argv = sc.binaries.storage_daemon_argv(
+                "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
+                "--blockdev", "driver=raw,node-name=disk0,file=file0",
+                "--export",
+                f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=fd,addr.str={fd},"
+                "writable=on",
+            )  # fmt: skip
+            return sc.spawn(self.label, argv, env=sc.binaries.env(), pass_fds=(fd,))
+
+    def native_device(self, chardev: str) -> str:
+        return f"vhost-user-blk-pci,chardev={chardev},num-queues={self.num_queues}"
+
+
+# --- devices and the scenario -----------------------------------------------------------------
+
+
+@dataclass
+class Device:
+    """One back-end and the front-end presenting it to the guest."""
+
+    index: int
+    backend: Backend
+    frontend: Frontend
+    vhost_socket: Path
+    backend_proc: LoggedProcess
+    emulator: LoggedProcess | None = None
+    vfio_socket: Path | None = None
+    control: Control | None = None
+
+    @property
+    def pci_id(self) -> tuple[int, int]:
+        """Vendor and device id of the virtio 1.x (modern-only) PCI function."""
+        return 0x1AF4, 0x1040 + self.backend.virtio_id
+
+    def qemu_args(self) -> list[str]:
+        """What the guest's QEMU needs on its command line for this device."""
+        if self.frontend == "emulator":
+            assert self.vfio_socket is not None
+            spec = {
+                "driver": "vfio-user-pci",
+                "socket": {"type": "unix", "path": str(self.vfio_socket)},
+            }
+            return ["-device", json.dumps(spec)]
+        chardev = f"vhu{self.index}"
+        return [
+            "-chardev", f"socket,id={chardev},path={self.vhost_socket}",
+            "-device", self.backend.native_device(chardev),
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QemuProbe:
+    """A QEMU started with ``-S`` (no guest code runs): its status, output and QMP replies."""
+
+    returncode: int
+    output: str
+    replies: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Scenario:
+    """Processes and guest of one setup; build it with :meth:`open` or :meth:`run`."""
+
+    def __init__(self, name: str, toolchain: Toolchain, workdir: Path) -> None:
+        self.name = name
+        self.toolchain = toolchain
+        self.binaries = HostBinaries(toolchain.host_root)
+        self.workdir = workdir
+        # UNIX socket paths are limited to 108 bytes; keep them short whatever the workdir is.
+        self.sockdir = Path(tempfile.mkdtemp(prefix="sc-"))
+        self.devices: list[Device] = []
+        self.processes: list[LoggedProcess] = []
+        self.guest: Guest | None = None
+        self._stack = contextlib.ExitStack()
+        self._stack.callback(shutil.rmtree, self.sockdir, ignore_errors=True)
+        self._bdfs: dict[int, str] = {}
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(
+        cls, name: str = "scenario", toolchain: Toolchain | None = None, workdir: Path | None = None
+    ) -> Iterator[Scenario]:
+        """An empty scenario; whatever is started in it stops when the block ends.
+
+        A workdir made here is removed after a clean run and kept (with every log) on failure.
+        """
+        made = workdir is None
+        work = workdir or Path(tempfile.mkdtemp(prefix=f"scenario-{name}-"))
+        work.mkdir(parents=True, exist_ok=True)
+        sc = cls(name, toolchain or ensure_toolchain(), work)
+        try:
+            yield sc
+        except BaseException:
+            sc.close()
+            log.error("scenario %s failed; logs kept in %s", name, work)
+            raise
+        sc.close()
+        if made:
+            shutil.rmtree(work, ignore_errors=True)
+
+    @classmethod
+    @contextlib.contextmanager
+    def run(
+        cls,
+        *backends: Backend,
+        frontend: Frontend = "emulator",
+        name: str = "scenario",
+        toolchain: Toolchain | None = None,
+        workdir: Path | None = None,
+        emulator_args: Sequence[str] = (),
+        guest_args: Sequence[str] = (),
+        **guest_options: Any,
+    ) -> Iterator[Scenario]:
+        """Start every back-end, its front-end, then boot the guest with all the devices."""
+        with cls.open(name, toolchain, workdir) as sc:
+            for backend in backends:
+                sc.add_device(backend, frontend, emulator_args)
+            sc.boot(guest_args, **guest_options)
+            yield sc
+
+    def close(self) -> None:
+        self._stack.close()
+
+    # --- starting things -----------------------------------------------------------------
+
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> LoggedProcess:
+        """Start a process that is stopped with the scenario (before anything started earlier)."""
+        if any(p.name == name for p in self.processes):
+            name = f"{name}-{len(self.processes)}"
+        environment = dict(os.environ if env is None else env)
+        environment["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT), str(REPO_ROOT / "guest-tools"), environment.get("PYTHONPATH", "")]
+        ).rstrip(os.pathsep)
+        proc = LoggedProcess(name, argv, self.workdir / f"{name}.log", environment, pass_fds)
+        self.processes.append(proc)
+        self._stack.callback(self._stop, proc)
+        return proc
+
+    @staticmethod
+    def _stop(proc: LoggedProcess) -> None:
+        rc = proc.stop()
+        log.info("%s exited with %d", proc.name, rc)
+
+    def add_device(
+        self,
+        backend: Backend,
+        frontend: Frontend = "emulator",
+        emulator_args: Sequence[str] = (),
+    ) -> Device:
+        """Start a back-end and (for ``emulator``) our emulator in front of it."""
+        index = len(self.devices)
+        vhost_socket = self.sockdir / f"vhost{index}.sock"
+        with self.step(f"start {backend.label}"):
+            backend_proc = backend.start(self, vhost_socket)
+        device = Device(index, backend, frontend, vhost_socket, backend_proc)
+        self.devices.append(device)
+        if frontend == "emulator":
+            with self.step("start the emulator"):
+                device.vfio_socket = self.sockdir / f"vfio{index}.sock"
+                argv = [
+                    sys.executable, "-m", "emulator",
+                    "--vfio-user-socket", str(device.vfio_socket),
+                    "--vhost-user-socket", str(vhost_socket),
+                    "--virtio-id", str(backend.virtio_id),
+                    "--num-queues", str(backend.num_queues),
+                    "--config-size", str(backend.config_size),
+                    *emulator_args,
+                ]  # fmt: skip
+                device.emulator = self.spawn(f"emulator{index}", argv)
+                device.emulator.wait_for(r"ready: listening for a vfio-user client")
+        if isinstance(backend, ShmemBackend):
+            device.control = Control(vhost_socket.with_suffix(".ctl"))
+            self._stack.callback(device.control.close)
+        return device
+
+    def qemu_args(self) -> list[str]:
+        return [arg for device in self.devices for arg in device.qemu_args()]
+
+    def boot(self, extra_args: Sequence[str] = (), **options: Any) -> Guest:
+        """Boot the guest with every device added so far; it powers off first on the way out."""
+        with self.step("boot the guest"):
+            self.guest = self._stack.enter_context(
+                Guest.boot(
+                    [*self.qemu_args(), *extra_args],
+                    name=self.name,
+                    toolchain=self.toolchain,
+                    workdir=self.workdir / "guest",
+                    **options,
+                )
+            )
+        return self.guest
+
+    def qemu_probe(
+        self, commands: Sequence[dict[str, Any]] = (), timeout: float = START_TIMEOUT
+    ) -> QemuProbe:
+        """Run QEMU with the devices but no guest (``-S``): realize them, run QMP, quit.
+
+        Shows what QEMU makes of a device without a boot, e.g. whether it aborts on a layout.
+        """
+        script = [{"execute": "qmp_capabilities"}, *commands, {"execute": "quit"}]
+        argv = self.binaries.qemu_argv(
+            "-machine", "q35,accel=tcg", "-S", "-nodefaults", "-no-user-config",
+            "-display", "none", "-m", "256M",
+            "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-machine", "memory-backend=mem",
+            "-qmp", "stdio", *self.qemu_args(),
+        )  # fmt: skip
+        proc = subprocess.run(
+            argv,
+            input="".join(json.dumps(c) + "\n" for c in script),
+            capture_output=True,
+            text=True,
+            env=self.binaries.env(),
+            timeout=timeout,
+            check=False,
+            preexec_fn=set_pdeathsig,
+        )
+        replies = []
+        for line in proc.stdout.splitlines():
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+                if isinstance(message, dict) and ("return" in message or "error" in message):
+                    replies.append(message)
+        (self.workdir / "qemu-probe.log").write_text(proc.stdout + proc.stderr)
+        return QemuProbe(proc.returncode, proc.stderr + proc.stdout, replies[1:])
+
+    # --- using it ------------------------------------------------------------------------
+
+    @property
+    def g(self) -> Guest:
+        if self.guest is None:
+            raise ScenarioError("the guest is not booted")
+        return self.guest
+
+    def device(self, index: int = 0) -> Device:
+        return self.devices[index]
+
+    def control(self, index: int = 0) -> Control:
+        control = self.devices[index].control
+        if control is None:
+            raise ScenarioError(
+                f"device {index} ({self.devices[index].backend.label}) has no control"
+            )
+        return control
+
+    def backend_call(self, index: int = 0, **request: Any) -> dict[str, Any]:
+        """One control command to device ``index``'s back-end; the reply as it is."""
+        return self.control(index)(**request)
+
+    def backend_ok(self, index: int = 0, **request: Any) -> dict[str, Any]:
+        reply = self.backend_call(index, **request)
+        if not reply.get("ok"):
+            raise ScenarioError(f"back-end refused {request}: {reply}")
+        return reply
+
+    def vguest(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        """``vguest ARGS --json`` in the guest; the JSON object (failures included)."""
+        result = self.g.run(["vguest", *args, "--json"], timeout=timeout)
+        try:
+            data: dict[str, Any] = json.loads(result.stdout)
+        except ValueError:
+            raise ScenarioError(
+                f"vguest {' '.join(args)}: rc={result.rc} error={result.error} no JSON\n"
+                f"stdout: {result.stdout}\nstderr: {result.stderr}"
+            ) from None
+        data.setdefault("exit_code", result.rc)
+        return data
+
+    def vguest_ok(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        data = self.vguest(*args, timeout=timeout)
+        if data["exit_code"] != 0:
+            raise ScenarioError(f"vguest {' '.join(args)} failed: {data}")
+        return data
+
+    def guest_device(self, index: int = 0) -> dict[str, Any]:
+        """``vguest list`` entry for device ``index`` (found by its PCI ids)."""
+        vendor, device_id = self.devices[index].pci_id
+        devices = self.vguest_ok("list")["devices"]
+        found = [d for d in devices if (d["vendor"], d["device"]) == (vendor, device_id)]
+        if len(found) != 1:
+            raise ScenarioError(
+                f"expected one {vendor:04x}:{device_id:04x} in the guest, found {devices}"
+            )
+        entry: dict[str, Any] = found[0]
+        self._bdfs[index] = str(entry["bdf"])
+        return entry
+
+    def bdf(self, index: int = 0) -> str:
+        if index not in self._bdfs:
+            self.guest_device(index)
+        return self._bdfs[index]
+
+    # --- failure reporting -------------------------------------------------------------------
+
+    def failure_report(self, lines: int = 40) -> str:
+        """Tails of the guest console, QEMU's log and every process log."""
+        parts = [self.guest.console_tail(lines)] if self.guest is not None else []
+        parts += [proc.tail(lines) for proc in self.processes]
+        return "\n".join(parts)
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        """Name a step: an exception inside becomes a ScenarioError saying which step failed."""
+        try:
+            yield
+        except ScenarioError as exc:
+            if str(exc).startswith("step "):
+                raise
+            raise ScenarioError(f"step {what!r} failed: {exc}\n{self.failure_report()}") from exc
+        except Exception as exc:
+            raise ScenarioError(
+                f"step {what!r} failed: {type(exc).__name__}: {exc}\n{self.failure_report()}"
+            ) from exc
