@@ -44,6 +44,8 @@ def pytest_runtest_makereport(
         for value in getattr(item, "funcargs", {}).values():
             if isinstance(value, Guest):
                 report.sections.append((f"guest {value.config.name}", value.console_tail(80)))
+            elif callable(getattr(value, "failure_report", None)):  # a vm.scenario.Scenario
+                report.sections.append((f"scenario {value.name}", value.failure_report(80)))
     return report
 
 
