@@ -55,10 +55,12 @@ from emulator.vhost.messages import (
     VHOST_MEMORY_BASELINE_NREGIONS,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_MAX_CONFIG_SIZE,
+    VHOST_USER_VERSION,
     BackendReq,
     FrontendReq,
     Payload,
     VhostUserConfig,
+    VhostUserHeaderFlag,
     VhostUserMemory,
     VhostUserMemoryRegion,
     VhostUserMMap,
@@ -565,7 +567,7 @@ class VhostUserFrontend:
             except MessageRejected as exc:
                 logger.warning("back-end sent an invalid request: %s", exc)
                 self._trace_rejected(exc)
-                if exc.header.flags & 0x8:
+                if exc.header.flags & VhostUserHeaderFlag.NEED_REPLY:
                     self._channel_reply_raw(exc.header.request, exc.errno)
             except RemoteProtocolError as exc:
                 self._disconnect(f"back-end channel framing: {exc}")
@@ -646,7 +648,8 @@ class VhostUserFrontend:
             req = BackendReq(request_id)
         except ValueError:
             return
-        reply = VhostUserMessage(req, 0x1 | 0x4, VhostUserU64(status or errno.EINVAL))
+        flags = VHOST_USER_VERSION | VhostUserHeaderFlag.REPLY
+        reply = VhostUserMessage(req, flags, VhostUserU64(status or errno.EINVAL))
         self._channel_send(reply)
 
     # -- logging and trace -----------------------------------------------------------------
