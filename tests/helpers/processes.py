@@ -155,6 +155,7 @@ class Processes:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.started: list[ManagedProcess] = []
+        self.controls: list[BackendControl] = []
 
     def emulator(
         self,
@@ -205,7 +206,10 @@ class Processes:
         return proc
 
     def control(self, control_name: str = "control.sock") -> BackendControl:
-        return BackendControl(self.workdir / control_name)
+        """A control connection to a back-end started here; closed by ``close()``."""
+        control = BackendControl(self.workdir / control_name)
+        self.controls.append(control)
+        return control
 
     def _start(self, name: str, argv: list[str], path: Path) -> ManagedProcess:
         proc = ManagedProcess(f"{name}#{len(self.started)}", argv, self.workdir, path)
@@ -213,6 +217,8 @@ class Processes:
         return proc
 
     def close(self) -> None:
+        for control in self.controls:
+            control.close()
         for proc in reversed(self.started):
             proc.kill()
 
@@ -324,3 +330,25 @@ def memfd_mappings(pid: int, name: str = BACKEND_MEMFD_NAME) -> list[str]:
 def vma_count(pid: int) -> int:
     with open(f"/proc/{pid}/maps") as maps:
         return sum(1 for _ in maps)
+
+
+def eventfd_id(pid: int, fd: int) -> int | None:
+    """The kernel's id of the eventfd behind ``fd`` of ``pid`` (``eventfd-id`` in fdinfo): the
+    same eventfd passed to another process over SCM_RIGHTS has the same id there."""
+    with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+        for line in info:
+            key, _, value = line.partition(":")
+            if key == "eventfd-id":
+                return int(value)
+    return None
+
+
+def eventfd_ids(pid: int) -> set[int]:
+    """Ids of every eventfd ``pid`` holds open."""
+    ids = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            found = eventfd_id(pid, int(name))
+            if found is not None:
+                ids.add(found)
+    return ids

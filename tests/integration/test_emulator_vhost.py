@@ -1,0 +1,542 @@
+"""Issue 3 end to end: the real emulator in front of the real reference back-end
+(``vhost-device-shmem``), both as processes. The QEMU-like client and the virtio driver play
+the guest; the back-end's control socket asks for SHMEM_MAP/UNMAP. Checked: negotiation at
+either SHMEM bit, BAR 4 from GET_SHMEM_CONFIG, pattern reads at every width, read-only and
+writable mappings against the back-end's own memfd, refusals that leave the view unchanged,
+reset, the data plane with interrupts from the back-end, back-end loss and reconnection,
+leak-free map/unmap cycles and a back-end that never answers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from vguest.pattern import PatternKind, generate
+
+from emulator.backends.shmem_reference import ShmemRngDevice, make_pattern
+from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds
+from emulator.vfio_user.client import VfioUserClient
+from emulator.vhost.backend import ShmemRequestRefused, VhostUserBackend
+from emulator.vhost.codec import Channel, Decoder, VhostUserMessage, encode, reply_to
+from emulator.vhost.messages import (
+    BackendReq,
+    FrontendReq,
+    Payload,
+    VhostUserMMap,
+    VhostUserShMemConfig,
+    VhostUserU64,
+)
+from tests.helpers.processes import (
+    BackendControl,
+    ManagedProcess,
+    Processes,
+    eventfd_id,
+    eventfd_ids,
+    fd_count,
+    fd_targets,
+    memfd_mappings,
+    procs,
+    vma_count,
+)
+from tests.helpers.virtio_driver import (
+    DEVICE_NEEDS_RESET,
+    DEVICE_STATUS,
+    DRIVER_OK,
+    GuestRam,
+    VirtioDriver,
+    wait_eventfd,
+)
+
+__all__ = ["procs"]
+
+KiB = 1 << 10
+MiB = 1 << 20
+SHMEM_BAR = 4
+CYCLES_ENV = "VIRTIO_EMU_MAP_CYCLES"
+
+
+def start(
+    procs: Processes, backend: tuple[str, ...] = (), emulator: tuple[str, ...] = ()
+) -> tuple[ManagedProcess, ManagedProcess, BackendControl]:
+    """Back-end first (the emulator sizes BAR 4 from it), then the emulator, then control."""
+    back = procs.backend("--rng-source", "counter", *backend)
+    emu = procs.emulator("--vhost-user-socket", str(back.path), *emulator)
+    return back, emu, procs.control()
+
+
+@contextlib.contextmanager
+def guest(emu: ManagedProcess, ram_size: int = 2 * MiB) -> Iterator[VirtioDriver]:
+    """A connected client with RAM mapped and the device probed (not yet initialised)."""
+    with GuestRam(ram_size) as ram, VfioUserClient.connect(str(emu.path), timeout=15.0) as client:
+        driver = VirtioDriver.probe(client, ram)
+        try:
+            yield driver
+        finally:
+            driver.close_msix()
+
+
+def bar_view(driver: VirtioDriver, shmid: int, offset: int, length: int) -> bytes:
+    return driver.shm_read(shmid, offset, length)
+
+
+def counter(seed: int, length: int) -> bytes:
+    return generate(PatternKind.COUNTER, seed, length)
+
+
+@pytest.mark.parametrize("bit", [22, 20])
+def test_negotiation_at_either_shmem_bit(procs: Processes, bit: int) -> None:
+    flag = ("--shmem-feature-bit", str(bit))
+    back, emu, ctl = start(procs, flag, flag)
+    emu.wait_for_log(r"protocol features 0x[0-9a-f]+$", regex=True)
+    status = ctl.status()
+    assert status["connected"] is True
+    assert status["protocol_features"] & (1 << bit)
+    assert not status["protocol_features"] & (1 << (42 - bit))  # the other SHMEM bit
+    with guest(emu) as driver:
+        assert driver.startup.regions[SHMEM_BAR].info.size == 4 * MiB
+        assert [(r.shmid, r.offset, r.length) for r in driver.shm_regions] == [(0, 0, 4 * MiB)]
+        assert ctl.map(0, 0, 4096, pattern="counter", seed=3)["ok"]
+        assert driver.shm_read(0, 0, 8) == counter(3, 8)
+    emu.stop()
+    back.stop()
+
+
+def test_mismatched_bits_mean_no_shared_memory(procs: Processes) -> None:
+    back, emu, ctl = start(procs, ("--shmem-feature-bit", "20"), ("--shmem-feature-bit", "22"))
+    status = ctl.status()
+    assert status["connected"] is True
+    assert not status["protocol_features"] & ((1 << 20) | (1 << 22))
+    with guest(emu) as driver:
+        assert driver.startup.regions[SHMEM_BAR].info.size == 0
+        assert driver.shm_regions == ()
+        driver.bring_up()  # the device works, just without shared memory
+    refused = ctl.map(0, 0, 4096)
+    assert refused["ok"] is False and refused["code"] != 0
+    emu.stop()
+    back.stop()
+
+
+def test_cli_regions_override_but_nothing_maps_without_the_feature(procs: Processes) -> None:
+    back, emu, ctl = start(
+        procs, ("--shmem-feature-bit", "20"), ("--shmem-region", "0:1M", "--shmem-region", "3:1M")
+    )
+    with guest(emu) as driver:
+        assert driver.startup.regions[SHMEM_BAR].info.size == 2 * MiB
+        assert {(r.shmid, r.offset, r.length) for r in driver.shm_regions} == {
+            (0, 0, MiB),
+            (3, MiB, MiB),
+        }
+        assert ctl.map(0, 0, 4096)["ok"] is False
+        assert driver.shm_read(0, 0, 8) == bytes(8)
+    emu.stop()
+    back.stop()
+
+
+def test_bar_layout_follows_get_shmem_config(procs: Processes) -> None:
+    back, emu, ctl = start(procs, ("--shmem-region", "0:2M", "--shmem-region", "1:1M"))
+    with guest(emu) as driver:
+        assert driver.startup.regions[SHMEM_BAR].info.size == 4 * MiB
+        assert {(r.shmid, r.bar, r.offset, r.length) for r in driver.shm_regions} == {
+            (0, SHMEM_BAR, 0, 2 * MiB),
+            (1, SHMEM_BAR, 2 * MiB, MiB),
+        }
+        # Region 1 starts at BAR offset 2 MiB: a mapping at its start shows up exactly there.
+        assert ctl.map(1, 0, 4096, pattern="counter", seed=11)["ok"]
+        assert driver.client.region_read(SHMEM_BAR, 2 * MiB, 8) == counter(11, 8)
+        assert driver.client.region_read(SHMEM_BAR, 2 * MiB - 8, 8) == bytes(8)
+    emu.stop()
+    back.stop()
+
+
+def test_map_read_write_unmap_remap(procs: Processes) -> None:
+    back, emu, ctl = start(procs, ("--shmem-region", "0:2M", "--shmem-region", "1:1M"))
+    with guest(emu) as driver:
+        driver.bring_up()
+        # Read-only pattern: what the guest reads at every width is the pattern.
+        assert ctl.map(0, 0x10000, 64 * KiB, pattern="counter", seed=7)["ok"]
+        expected = counter(7, 64 * KiB)
+        for width in (1, 2, 4, 8):
+            for offset in (0, 8, 0x1000, 64 * KiB - 8):
+                got = driver.shm_read(0, 0x10000 + offset, width)
+                assert got == expected[offset : offset + width], (width, offset)
+        assert driver.shm_read(0, 0x10000, 4096) == expected[:4096]
+        assert driver.shm_read(0, 0x10000 - 8, 16) == bytes(8) + expected[:8]  # edge of a hole
+        # A guest write to the read-only mapping changes nothing, seen from either side.
+        for width in (1, 2, 4, 8):
+            driver.shm_write(0, 0x10000 + 16, b"\xff" * width)
+        assert driver.shm_read(0, 0x10000 + 16, 8) == expected[16:24]
+        assert ctl.read(0, 0x10000, 64) == expected[:64]
+
+        # Writable mapping: guest writes land in the back-end's memfd, and the other way round.
+        assert ctl.map(1, 0x2000, 8192, pattern="xorshift", seed=5, writable=True)["ok"]
+        original = make_pattern("xorshift", 8192, 5)
+        assert driver.shm_read(1, 0x2000, 8) == original[:8]
+        writes = {1: b"\x11", 2: b"\x22\x23", 4: b"\x44\x45\x46\x47", 8: bytes(range(0x80, 0x88))}
+        for width, data in writes.items():
+            driver.shm_write(1, 0x2000 + 64 * width, data)
+        for width, data in writes.items():
+            assert ctl.read(1, 0x2000, width, offset=64 * width) == data
+        assert ctl.read(1, 0x2000, 8) == original[:8]
+        driver.shm_write(1, 0x2000 + 4096, b"\x5a" * 4096, posted=True)
+        assert ctl.read(1, 0x2000, 4096, offset=4096) == b"\x5a" * 4096
+        ctl.ok("write", shmid=1, shm_offset=0x2000, offset=0, data="cafef00d")
+        assert driver.shm_read(1, 0x2000, 4) == bytes.fromhex("cafef00d")
+        assert len(memfd_mappings(emu.pid)) == 2
+
+        # Unmap: zeros again, writes dropped; then a new mapping in the same place.
+        assert ctl.unmap(0, 0x10000, 64 * KiB)["ok"]
+        assert driver.shm_read(0, 0x10000, 8) == bytes(8)
+        driver.shm_write(0, 0x10000, b"\x01" * 8)
+        assert driver.shm_read(0, 0x10000, 8) == bytes(8)
+        assert ctl.map(0, 0x10000, 64 * KiB, pattern="constant", seed=0x0102030405060708)["ok"]
+        assert driver.shm_read(0, 0x10000 + 64 * KiB - 8, 8) == bytes(range(8, 0, -1))
+        assert len(memfd_mappings(emu.pid)) == 2
+    emu.stop()
+    back.stop()
+
+
+def test_refused_requests_leave_the_view_unchanged(procs: Processes) -> None:
+    back, emu, ctl = start(procs, ("--shmem-region", "0:2M", "--shmem-region", "1:1M"))
+    with guest(emu) as driver:
+        assert ctl.map(0, 0x10000, 64 * KiB, pattern="counter", seed=1)["ok"]
+        assert ctl.map(1, 0, 8192, pattern="counter", seed=2, writable=True)["ok"]
+
+        def view() -> tuple[bytes, bytes, int, list[tuple[int, int]]]:
+            mappings = sorted((m["shmid"], m["shm_offset"]) for m in ctl.status()["mappings"])
+            return (
+                driver.shm_read(0, 0, 0x30000),
+                driver.shm_read(1, 0, 0x4000),
+                len(memfd_mappings(emu.pid)),
+                mappings,
+            )
+
+        before = view()
+        refusals = [
+            ("overlap", ctl.map(0, 0x18000, 64 * KiB)),
+            ("overlap at start", ctl.map(0, 0x0F000, 8192)),
+            ("covers an existing one", ctl.map(0, 0, 0x30000)),
+            ("past the end", ctl.map(1, MiB - 4096, 8192)),
+            ("past the end of the BAR", ctl.map(0, 2 * MiB, 4096)),
+            ("unknown shmid", ctl.map(2, 0, 4096)),
+            ("shmid beyond the table", ctl.map(200, 0, 4096)),
+            ("unaligned offset", ctl.map(0, 0x40800, 4096)),
+            ("unaligned length", ctl.map(0, 0x40000, 1000)),
+            ("partial unmap", ctl.unmap(0, 0x10000, 4096)),
+            ("unmap of the tail", ctl.unmap(0, 0x11000, 60 * KiB)),
+            ("unmap of a hole", ctl.unmap(0, 0x40000, 4096)),
+            ("unmap spanning a hole", ctl.unmap(0, 0x10000, 128 * KiB)),
+            ("unmap in an unknown region", ctl.unmap(2, 0, 4096)),
+        ]
+        accepted = [what for what, reply in refusals if reply["ok"] or not reply["code"]]
+        assert accepted == []
+        after = view()
+        assert after[2:] == before[2:]
+        assert after[0] == before[0] and after[1] == before[1]
+    emu.stop()
+    back.stop()
+
+
+def test_zero_length_and_unknown_flags_refused_through_the_library(
+    procs: Processes, tmp_path: Path
+) -> None:
+    """The control socket cannot send these; the back-end library in this process can."""
+    path = tmp_path / "inproc.sock"
+    device = ShmemRngDevice([(0, MiB)])
+    backend = VhostUserBackend(device, str(path))
+    thread = backend.serve_in_thread()
+    memfd = os.memfd_create("vhost-shmem-test", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(memfd, 8192)
+        emu = procs.emulator("--vhost-user-socket", str(path))
+        assert backend.wait_connected(10)
+        with guest(emu) as driver:
+            with pytest.raises(ShmemRequestRefused) as zero:
+                backend.shmem_map(0, memfd, 0, 0, 0, writable=False)
+            assert zero.value.code != 0
+            for flags in (0x2, 0x1 | 0x80, 1 << 63):
+                with pytest.raises(ShmemRequestRefused) as unknown:
+                    backend._backend_request(
+                        BackendReq.SHMEM_MAP, VhostUserMMap(0, 0, 0, 4096, flags), [memfd]
+                    )
+                assert unknown.value.code != 0
+            with pytest.raises(ShmemRequestRefused):
+                backend.shmem_unmap(0, 0, 0)
+            with pytest.raises(ShmemRequestRefused):
+                backend._backend_request(
+                    BackendReq.SHMEM_UNMAP, VhostUserMMap(0, 0, 0, 4096, 0x4), []
+                )
+            assert memfd_mappings(emu.pid, "memfd:vhost-shmem-test") == []
+            assert driver.shm_read(0, 0, 8) == bytes(8)
+            # The same fd with valid flags maps, so only the flags/length were wrong.
+            os.pwrite(memfd, counter(9, 8192), 0)
+            backend.shmem_map(0, memfd, 0, 0, 8192, writable=True)
+            assert driver.shm_read(0, 4096, 8) == counter(9, 8192)[4096:4104]
+            backend.shmem_unmap(0, 0, 8192)
+        emu.stop()
+    finally:
+        os.close(memfd)
+        backend.stop()
+        thread.join(10)
+
+
+def test_device_reset_drops_every_mapping(procs: Processes) -> None:
+    back, emu, ctl = start(procs, ("--shmem-region", "0:2M", "--shmem-region", "1:1M"))
+    with guest(emu) as driver:
+        for reset in ("DEVICE_RESET", "status 0", "status 0 before DRIVER_OK"):
+            if reset != "status 0 before DRIVER_OK":
+                driver.close_msix()
+                driver.bring_up()
+            assert ctl.map(0, 0, 8192, pattern="counter", seed=1)["ok"]
+            assert ctl.map(1, 0x1000, 4096, pattern="counter", seed=2, writable=True)["ok"]
+            assert len(memfd_mappings(emu.pid)) == 2, reset
+            assert driver.shm_read(1, 0x1000, 8) == counter(2, 8)
+            if reset == "DEVICE_RESET":
+                driver.client.device_reset()
+            else:
+                driver.common_write(DEVICE_STATUS, 0, 1)
+            assert driver.status == 0
+            assert memfd_mappings(emu.pid) == [], reset
+            assert driver.shm_read(0, 0, 8) == bytes(8), reset
+            assert driver.shm_read(1, 0x1000, 8) == bytes(8), reset
+    emu.stop()
+    back.stop()
+
+
+def test_data_plane_interrupt_comes_from_the_back_end(procs: Processes) -> None:
+    back, emu, ctl = start(procs)
+    with guest(emu) as driver:
+        (queue,) = driver.bring_up(queues=1, queue_size=8)
+        buffers = [driver.ram.alloc(64) for _ in range(3)]
+        heads = [queue.add([(gpa, 64, True)]) for gpa in buffers]
+        driver.notify(0)
+        used = []
+        for _ in heads:
+            used.append(driver.wait_used(0, timeout=10))
+        assert sorted(head for head, _ in used) == sorted(heads)
+        assert all(length == 64 for _, length in used)
+        stream = make_pattern("counter", 3 * 64, 0)
+        got = b"".join(driver.ram.read(buffers[heads.index(h)], 64) for h, _ in used)
+        assert got == stream
+        # The interrupt was the back-end's own write to the MSI-X eventfd we gave the emulator:
+        # the back-end holds that very eventfd (same kernel id) and counted its notifications.
+        status = ctl.status()["queues"][0]
+        assert status["pushed"] == 3 and status["notifications"] >= 1
+        vector_fd = driver.msix_fds[queue.vector]
+        assert eventfd_id(os.getpid(), vector_fd) in eventfd_ids(back.pid)
+        # A chain of a read-only and a writable buffer: only the writable part is filled.
+        out, into = driver.ram.alloc(16), driver.ram.alloc(32)
+        driver.ram.write(out, b"\x77" * 16)
+        head = queue.add([(out, 16, False), (into, 32, True)])
+        driver.notify(0)
+        assert driver.wait_used(0) == (head, 32)
+        assert driver.ram.read(out, 16) == b"\x77" * 16
+        assert driver.ram.read(into, 32) == make_pattern("counter", 32, 24)
+    emu.stop()
+    back.stop()
+
+
+def test_back_end_loss_needs_reset_and_reconnect_recovers(procs: Processes) -> None:
+    back, emu, ctl = start(procs)
+    with guest(emu) as driver:
+        (queue,) = driver.bring_up(queues=1, queue_size=8)
+        config_fd = driver.msix_fds[0]
+        assert ctl.map(0, 0, 16 * KiB, pattern="counter", seed=4)["ok"]
+        assert driver.shm_read(0, 0, 8) == counter(4, 8)
+        mark = emu.mark()
+        back.kill()
+        emu.wait_for_log("vhost-user back-end lost", start=mark)
+        assert driver.status & DEVICE_NEEDS_RESET
+        wait_eventfd(config_fd, 10)  # the config interrupt tells the driver
+        assert memfd_mappings(emu.pid) == []
+        assert driver.shm_read(0, 0, 8) == bytes(8)
+
+        back = procs.backend("--rng-source", "counter")
+        emu.wait_for_log("vhost-user back-end connected", start=mark)
+        ctl = procs.control()
+        driver.close_msix()
+        (queue,) = driver.bring_up(queues=1, queue_size=8)
+        assert not driver.status & DEVICE_NEEDS_RESET
+        assert ctl.map(0, 0x4000, 4096, pattern="counter", seed=8)["ok"]
+        assert driver.shm_read(0, 0x4000, 8) == counter(8, 8)
+        assert len(memfd_mappings(emu.pid)) == 1
+        buffer = driver.ram.alloc(16)
+        head = queue.add([(buffer, 16, True)])
+        driver.notify(0)
+        assert driver.wait_used(0) == (head, 16)
+        assert driver.ram.read(buffer, 16) == make_pattern("counter", 16, 0)
+        assert driver.status & DRIVER_OK
+    emu.stop()
+    back.stop()
+
+
+def test_map_unmap_cycles_leak_nothing(procs: Processes) -> None:
+    cycles = int(os.environ.get(CYCLES_ENV, "10000"))
+    back, emu, ctl = start(procs, ("--shmem-region", "0:2M", "--shmem-region", "1:1M"))
+    with guest(emu) as driver:
+        driver.bring_up()
+        # Warm up once so lazily created objects do not count as leaks.
+        assert ctl.map(0, 0, 4096)["ok"] and ctl.unmap(0, 0, 4096)["ok"]
+        fds, vmas = fd_count(emu.pid), vma_count(emu.pid)
+        before = fd_targets(emu.pid)
+        back_fds = fd_count(back.pid)
+        started = time.monotonic()
+        for i in range(cycles):
+            shmid = i % 2
+            offset = (i * 4096) % (MiB - 8192)
+            length = 4096 * (1 + i % 2)
+            mapped = ctl.map(shmid, offset, length, pattern="counter", seed=i, writable=bool(i % 3))
+            assert mapped["ok"], (i, mapped)
+            if i % 500 == 0:
+                assert driver.shm_read(shmid, offset, 8) == counter(i, 8)
+                assert len(memfd_mappings(emu.pid)) == 1
+            unmapped = ctl.unmap(shmid, offset, length)
+            assert unmapped["ok"], (i, unmapped)
+        elapsed = time.monotonic() - started
+        assert fd_count(emu.pid) == fds, (before, fd_targets(emu.pid))
+        assert memfd_mappings(emu.pid) == []
+        assert vma_count(emu.pid) == vmas
+        assert fd_count(back.pid) == back_fds
+        assert ctl.status()["mappings"] == []
+        print(f"{cycles} map/unmap cycles in {elapsed:.1f} s")
+    emu.stop()
+    back.stop()
+
+
+class SilentBackend:
+    """A hostile back-end: accepts the connection, reads what it is sent, never answers."""
+
+    def __init__(self, path: Path) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.received = threading.Event()
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.listener.accept()
+            self.conns.append(conn)
+            while conn.recv(4096):
+                self.received.set()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+        self.thread.join(10)
+
+
+def test_back_end_that_never_answers_times_out_cleanly(procs: Processes, tmp_path: Path) -> None:
+    path = tmp_path / "silent.sock"
+    silent = SilentBackend(path)
+    try:
+        started = time.monotonic()
+        emu = procs.emulator(
+            "--vhost-user-socket", str(path), "--backend-timeout", "0.5", wait_ready=False
+        )
+        assert emu.wait_exit(timeout=20) == 1
+        elapsed = time.monotonic() - started
+        assert silent.received.is_set()
+        emu.wait_for_log("did not answer GET_FEATURES within 0.5 s")
+        assert not emu.path.exists()
+        assert "Traceback" not in emu.log()
+        assert elapsed < 15
+    finally:
+        silent.close()
+
+
+class StallingBackend:
+    """A hostile back-end that negotiates properly (REPLY_ACK, SHMEM, one 1 MiB region) on
+    every connection and then never answers again, so activation at DRIVER_OK hangs on it."""
+
+    FEATURES = (1 << 32) | (1 << 30)  # VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
+    PROTOCOL = (1 << 3) | (1 << 22)  # REPLY_ACK, SHMEM
+    ANSWERS: ClassVar[dict[FrontendReq, Payload]] = {
+        FrontendReq.GET_FEATURES: VhostUserU64(FEATURES),
+        FrontendReq.GET_PROTOCOL_FEATURES: VhostUserU64(PROTOCOL),
+        FrontendReq.GET_SHMEM_CONFIG: VhostUserShMemConfig(1, (MiB,)),
+    }
+
+    def __init__(self, path: Path) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(4)
+        self.stalled_on: list[FrontendReq] = []
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                self.conns.append(conn)
+                self._converse(conn)
+
+    def _converse(self, conn: socket.socket) -> None:
+        decoder = Decoder(Channel.FRONTEND, expect_replies=False)
+        try:
+            while True:
+                data, fds = recv_with_fds(conn, max(decoder.bytes_needed(), 1))
+                if not data:
+                    close_fds(fds)
+                    return
+                decoder.feed(data, fds)
+                while (msg := decoder.next_message()) is not None:
+                    with msg:
+                        req = FrontendReq(msg.request)
+                        if req in self.ANSWERS:
+                            reply: VhostUserMessage | None = reply_to(msg, self.ANSWERS[req])
+                        elif req in (FrontendReq.SET_PROTOCOL_FEATURES, FrontendReq.SET_OWNER):
+                            reply = reply_to(msg, VhostUserU64(0)) if msg.need_reply else None
+                        else:
+                            self.stalled_on.append(req)
+                            return  # stop reading, keep the connection open
+                    if reply is not None:
+                        send_with_fds(conn, encode(reply)[0])
+        finally:
+            decoder.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+        self.thread.join(10)
+
+
+def test_back_end_stalling_at_activation_needs_reset_not_a_hang(
+    procs: Processes, tmp_path: Path
+) -> None:
+    path = tmp_path / "stalling.sock"
+    stalling = StallingBackend(path)
+    try:
+        emu = procs.emulator("--vhost-user-socket", str(path), "--backend-timeout", "0.5")
+        with guest(emu) as driver:
+            assert [(r.shmid, r.length) for r in driver.shm_regions] == [(0, MiB)]
+            driver.negotiate()
+            driver.enable_msix()
+            driver.set_config_vector(0)
+            driver.setup_queue(0, 8, vector=1)
+            started = time.monotonic()
+            driver.add_status(DRIVER_OK)  # answered once the back-end timed out
+            assert time.monotonic() - started < 5
+            assert driver.status & DEVICE_NEEDS_RESET
+            emu.wait_for_log("within 0.5 s")
+            assert stalling.stalled_on[0] == FrontendReq.SET_FEATURES
+            assert driver.shm_read(0, 0, 8) == bytes(8)  # still served
+        emu.stop()
+    finally:
+        stalling.close()
