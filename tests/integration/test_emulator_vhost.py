@@ -43,7 +43,7 @@ from tests.helpers.processes import (
     fd_targets,
     memfd_mappings,
     procs,
-    vma_count,
+    reserved_vmas,
 )
 from tests.helpers.virtio_driver import (
     DEVICE_NEEDS_RESET,
@@ -383,7 +383,7 @@ def test_map_unmap_cycles_leak_nothing(procs: Processes) -> None:
         driver.bring_up()
         # Warm up once so lazily created objects do not count as leaks.
         assert ctl.map(0, 0, 4096)["ok"] and ctl.unmap(0, 0, 4096)["ok"]
-        fds, vmas = fd_count(emu.pid), vma_count(emu.pid)
+        fds, vmas = fd_count(emu.pid), reserved_vmas(emu.pid)
         before = fd_targets(emu.pid)
         back_fds = fd_count(back.pid)
         started = time.monotonic()
@@ -401,7 +401,7 @@ def test_map_unmap_cycles_leak_nothing(procs: Processes) -> None:
         elapsed = time.monotonic() - started
         assert fd_count(emu.pid) == fds, (before, fd_targets(emu.pid))
         assert memfd_mappings(emu.pid) == []
-        assert vma_count(emu.pid) == vmas
+        assert reserved_vmas(emu.pid) == vmas
         assert fd_count(back.pid) == back_fds
         assert ctl.status()["mappings"] == []
         print(f"{cycles} map/unmap cycles in {elapsed:.1f} s")
