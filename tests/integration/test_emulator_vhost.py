@@ -9,6 +9,7 @@ leak-free map/unmap cycles and a back-end that never answers."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -349,6 +350,7 @@ def test_back_end_loss_needs_reset_and_reconnect_recovers(procs: Processes) -> N
         config_fd = driver.msix_fds[0]
         assert ctl.map(0, 0, 16 * KiB, pattern="counter", seed=4)["ok"]
         assert driver.shm_read(0, 0, 8) == counter(4, 8)
+        fds_before = fd_targets(emu.pid)
         mark = emu.mark()
         back.kill()
         emu.wait_for_log("vhost-user back-end lost", start=mark)
@@ -372,6 +374,10 @@ def test_back_end_loss_needs_reset_and_reconnect_recovers(procs: Processes) -> N
         assert driver.wait_used(0) == (head, 16)
         assert driver.ram.read(buffer, 16) == make_pattern("counter", 16, 0)
         assert driver.status & DRIVER_OK
+        # Same kinds of fds as before the loss: nothing of the dead connection is left.
+        kinds = [target.split(" -> ")[1].split(":[")[0] for target in fd_targets(emu.pid)]
+        kinds_before = [target.split(" -> ")[1].split(":[")[0] for target in fds_before]
+        assert sorted(kinds) == sorted(kinds_before), (fds_before, fd_targets(emu.pid))
     emu.stop()
     back.stop()
 
@@ -540,3 +546,28 @@ def test_back_end_stalling_at_activation_needs_reset_not_a_hang(
         emu.stop()
     finally:
         stalling.close()
+
+
+def test_trace_covers_the_vhost_user_channels(procs: Processes, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    back, emu, ctl = start(procs, emulator=("--trace", str(trace)))
+    with guest(emu) as driver:
+        driver.bring_up()
+        assert ctl.map(0, 0, 4096)["ok"] and ctl.unmap(0, 0, 4096)["ok"]
+    emu.stop()
+    back.stop()
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    frontend = [(r["dir"], r["cmd"]) for r in records if r["channel"] == "vhost-user-frontend"]
+    assert frontend[:2] == [("out", "GET_FEATURES"), ("in", "GET_FEATURES")]
+    assert ("out", "GET_SHMEM_CONFIG") in frontend and ("in", "GET_SHMEM_CONFIG") in frontend
+    assert ("out", "SET_MEM_TABLE") in frontend
+    channel = [r for r in records if r["channel"] == "vhost-user-backend"]
+    assert [(r["dir"], r["cmd"]) for r in channel] == [
+        ("in", "SHMEM_MAP"),
+        ("out", "SHMEM_MAP"),
+        ("in", "SHMEM_UNMAP"),
+        ("out", "SHMEM_UNMAP"),
+    ]
+    assert channel[0]["nfds"] == 1 and channel[0]["payload"]["length"] == 4096
+    assert channel[1]["payload"] == {"value": 0}
+    assert any(r["channel"] == "vfio-user" for r in records)
