@@ -38,7 +38,9 @@ from emulator.vfio_user.codec import DecodeError, Decoder, Message, Role, encode
 
 logger = logging.getLogger(__name__)
 
-RECV_BUFFER = 1 << 20
+#: Below glibc's mmap threshold: a 1 MiB buffer cost an mmap, mremap and munmap per message.
+#: Longer messages simply arrive in several reads (the decoder reassembles them).
+RECV_BUFFER = 64 << 10
 PAGE_SIZE = 4096
 MAX_DMA_MAPS = 65535
 #: What we tell the client in the VERSION reply; max_msg_fds stays within the spec's 16.
@@ -177,7 +179,12 @@ class VfioUserServer:
     # -- receive, dispatch, reply ----------------------------------------------------------
 
     def _on_readable(self) -> None:
-        """Drain everything already waiting: one wake-up may carry many posted writes."""
+        """Drain everything already waiting: one wake-up may carry many posted writes.
+
+        A read that came back short without fds emptied the socket, so we return rather than
+        pay one more recvmsg (and a BlockingIOError) per message; the selector is
+        level-triggered, so anything that arrived meanwhile wakes us again at once.
+        """
         while self._client is not None and self._decoder is not None:
             try:
                 data, fds = recv_with_fds(self._client, RECV_BUFFER, nonblocking=True)
@@ -190,6 +197,7 @@ class VfioUserServer:
                 close_fds(fds)
                 self._drop_client("end of stream")
                 return
+            drained = len(data) < RECV_BUFFER and not fds
             try:
                 self._decoder.feed(data, fds)
                 self._process_buffered()
@@ -198,6 +206,8 @@ class VfioUserServer:
                 return
             except RemoteProtocolError as exc:
                 self._drop_client(f"protocol error: {exc}")
+                return
+            if drained:
                 return
 
     def _process_buffered(self) -> None:
