@@ -456,7 +456,7 @@ def test_back_end_that_never_answers_times_out_cleanly(procs: Processes, tmp_pat
         )
         assert emu.wait_exit(timeout=20) == 1
         elapsed = time.monotonic() - started
-        assert silent.received.is_set()
+        assert silent.received.wait(10)
         emu.wait_for_log("did not answer GET_FEATURES within 0.5 s")
         assert not emu.path.exists()
         assert "Traceback" not in emu.log()
@@ -482,6 +482,7 @@ class StallingBackend:
         self.listener.bind(str(path))
         self.listener.listen(4)
         self.stalled_on: list[FrontendReq] = []
+        self.stalled = threading.Event()
         self.conns: list[socket.socket] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -511,6 +512,7 @@ class StallingBackend:
                             reply = reply_to(msg, VhostUserU64(0)) if msg.need_reply else None
                         else:
                             self.stalled_on.append(req)
+                            self.stalled.set()
                             return  # stop reading, keep the connection open
                     if reply is not None:
                         send_with_fds(conn, encode(reply)[0])
@@ -544,6 +546,7 @@ def test_back_end_stalling_at_activation_needs_reset_not_a_hang(
             assert time.monotonic() - started < 5
             assert driver.status & DEVICE_NEEDS_RESET
             emu.wait_for_log("within 0.5 s")
+            assert stalling.stalled.wait(10)
             assert stalling.stalled_on[0] == FrontendReq.SET_FEATURES
             assert driver.shm_read(0, 0, 8) == bytes(8)  # still served
         emu.stop()
