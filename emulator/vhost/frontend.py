@@ -45,6 +45,7 @@ from emulator.vhost.codec import (
     Channel,
     Decoder,
     MessageRejected,
+    VhostUserHeader,
     VhostUserMessage,
     encode,
     reply_to,
@@ -86,6 +87,8 @@ PROTOCOL_FEATURES_BIT = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 #: platform feature needs IOTLB messages.
 UNSUPPORTED_FEATURES = (1 << 38) | (1 << 40) | (1 << 33)
 RECONNECT_INTERVAL = 1.0
+#: Back-end channel messages served per wake-up before the loop looks at other sockets.
+CHANNEL_BATCH = 64
 _P = TypeVar("_P", bound=Payload)
 
 
@@ -149,11 +152,14 @@ class VhostUserFrontend:
     def read_config(self, offset: int, size: int) -> bytes:
         if not self._has(PF.CONFIG) or offset + size > self.config_size:
             return bytes(size)
-        query = VhostUserConfig(offset, size, 0, bytes(size))
+        # Always the whole space from offset 0, as QEMU asks: libvhost-user back-ends
+        # (qemu-storage-daemon) ignore the offset and answer from the start of their config.
+        whole = self.config_size
+        query = VhostUserConfig(0, whole, 0, bytes(whole))
         reply = self._call(FrontendReq.GET_CONFIG, query, reply=VhostUserConfig)
-        if reply.size != size or len(reply.payload) != size:
-            raise BackendError(f"GET_CONFIG answered {reply.size} bytes for {size}")
-        return reply.payload
+        if reply.size != whole or len(reply.payload) != whole:
+            raise BackendError(f"GET_CONFIG answered {reply.size} bytes for {whole}")
+        return reply.payload[offset : offset + size]
 
     def write_config(self, offset: int, data: bytes) -> None:
         if not self._has(PF.CONFIG) or offset + len(data) > self.config_size:
@@ -546,8 +552,12 @@ class VhostUserFrontend:
     # -- back-end channel --------------------------------------------------------------------
 
     def _on_channel_readable(self) -> None:
-        """Serve every request already waiting on the back-end channel."""
-        while self._channel is not None and self._channel_decoder is not None:
+        """Serve the requests already waiting on the back-end channel, at most
+        ``CHANNEL_BATCH`` of them: a back-end that floods must not starve the guest's accesses
+        (the selector is level-triggered and calls again for the rest)."""
+        for _ in range(CHANNEL_BATCH):
+            if self._channel is None or self._channel_decoder is None:
+                return
             channel, decoder = self._channel, self._channel_decoder
             try:
                 data, fds = recv_with_fds(channel, max(decoder.bytes_needed(), 1))
@@ -633,6 +643,11 @@ class VhostUserFrontend:
             return
         data, fds = encode(message)
         self._trace_out("backend", message, len(data))
+        self._channel_send_bytes(data, fds)
+
+    def _channel_send_bytes(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        if self._channel is None:
+            return
         self._channel.setblocking(True)
         self._channel.settimeout(self.timeout)
         try:
@@ -644,13 +659,11 @@ class VhostUserFrontend:
                 self._channel.setblocking(False)
 
     def _channel_reply_raw(self, request_id: int, status: int) -> None:
-        try:
-            req = BackendReq(request_id)
-        except ValueError:
-            return
+        """Answer a request the codec rejected. Its number may be one no enum knows (or 0),
+        and the back-end still waits for the reply it asked for, so build the bytes here."""
         flags = VHOST_USER_VERSION | VhostUserHeaderFlag.REPLY
-        reply = VhostUserMessage(req, flags, VhostUserU64(status or errno.EINVAL))
-        self._channel_send(reply)
+        body = VhostUserU64(status or errno.EINVAL).pack()
+        self._channel_send_bytes(VhostUserHeader(request_id, flags, len(body)).pack() + body)
 
     # -- logging and trace -----------------------------------------------------------------
 
