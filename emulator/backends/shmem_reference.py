@@ -144,8 +144,8 @@ class ShmemRngDevice(VhostUserDevice):
     def on_connect(self, backend: VhostUserBackend) -> None:
         self.backend = backend
 
-    def on_disconnect(self) -> None:
-        """The front-end's mappings died with it; drop ours too."""
+    def reset(self) -> None:
+        """RESET_DEVICE or a lost front-end: its mappings are gone, so drop our records."""
         with self.lock:
             for mapping in self.mappings.values():
                 os.close(mapping.memfd)

@@ -181,7 +181,7 @@ class VhostUserFrontend:
         logger.info("back-end activated with %d queue(s)", len(queues))
 
     def deactivate(self) -> None:
-        """Device reset: stop the rings, reset the back-end, drop every shared mapping."""
+        """Stop the rings (device reset or bus mastering off); ``reset`` follows a reset."""
         queues, self._active = self._active, ()
         if self._sock is not None:
             try:
@@ -191,15 +191,17 @@ class VhostUserFrontend:
                         VhostUserVringState(queue.index, 0),
                         reply=VhostUserVringState,
                     )
-                if self._has(PF.RESET_DEVICE):
-                    self._call(FrontendReq.RESET_DEVICE)
             except EmulatorError as exc:
-                logger.warning("back-end did not stop cleanly: %s", exc)
+                logger.warning("back-end did not stop its rings cleanly: %s", exc)
         self._close_queue_fds()
-        self.drop_mappings()
 
     def reset(self) -> None:
-        """A device reset drops every shared-memory mapping, even before DRIVER_OK."""
+        """Every device reset, even before DRIVER_OK: reset the back-end, drop all mappings."""
+        if self._sock is not None and self._has(PF.RESET_DEVICE):
+            try:
+                self._call(FrontendReq.RESET_DEVICE)
+            except EmulatorError as exc:
+                logger.warning("back-end did not reset cleanly: %s", exc)
         self.drop_mappings()
 
     def kick(self, queue: int) -> None:

@@ -306,6 +306,7 @@ def test_device_reset_drops_every_mapping(procs: Processes) -> None:
                 driver.common_write(DEVICE_STATUS, 0, 1)
             assert driver.status == 0
             assert memfd_mappings(emu.pid) == [], reset
+            assert ctl.status()["mappings"] == [], reset  # RESET_DEVICE reached the back-end
             assert driver.shm_read(0, 0, 8) == bytes(8), reset
             assert driver.shm_read(1, 0x1000, 8) == bytes(8), reset
     emu.stop()
