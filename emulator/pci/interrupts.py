@@ -7,6 +7,7 @@ interrupts the guest without passing through Python.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ class MsixVectors:
         self._eventfds: list[int | None] = [None] * count
         self._masked = [False] * count
         self._pending = [False] * count
+        self._broken: set[int] = set()
         self._listeners: list[Callable[[], None]] = []
 
     def on_change(self, listener: Callable[[], None]) -> None:
@@ -42,7 +44,12 @@ class MsixVectors:
             old = self._eventfds[vector]
             if old is not None and old != fd:
                 os.close(old)
+            if fd is not None:
+                # Never block the loop on a client's fd (a pipe whose reader stopped).
+                with contextlib.suppress(OSError):
+                    os.set_blocking(fd, False)
             self._eventfds[vector] = fd
+            self._broken.discard(vector)
         self._notify()
 
     def disable(self) -> None:
@@ -73,7 +80,15 @@ class MsixVectors:
         fd = self._eventfds[vector]
         if fd is None:
             return False
-        os.eventfd_write(fd, 1)
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError as exc:
+            # The client handed us something that is not a writable, non-full eventfd (a
+            # pipe's read end, a full pipe): the interrupt is lost, the emulator must not be.
+            if vector not in self._broken:
+                self._broken.add(vector)
+                logger.warning("vector %d: cannot signal fd %d: %s", vector, fd, exc)
+            return False
         return True
 
     def pending_bits(self) -> int:
