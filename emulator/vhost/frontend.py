@@ -87,6 +87,12 @@ PROTOCOL_FEATURES_BIT = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 #: platform feature needs IOTLB messages.
 UNSUPPORTED_FEATURES = (1 << 38) | (1 << 40) | (1 << 33)
 RECONNECT_INTERVAL = 1.0
+#: The addresses in SET_MEM_TABLE (userspace_addr) and SET_VRING_ADDR are ours to choose: the
+#: back-end only translates ring addresses through the table. We use GPA + this base, not where
+#: we happen to mmap a region: QEMU re-sends DMA maps while a device runs (SeaBIOS drives
+#: virtio-blk before the PAM split), each re-map lands elsewhere, and libvhost-user drops the
+#: connection ("remapping queue 0 during setmemtable") when the rings' addresses stop resolving.
+FRONTEND_ADDRESS_BASE = 1 << 48
 #: Back-end channel messages served per wake-up before the loop looks at other sockets.
 CHANNEL_BATCH = 64
 _P = TypeVar("_P", bound=Payload)
@@ -293,6 +299,9 @@ class VhostUserFrontend:
             )
             try:
                 self._call(FrontendReq.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+            except BaseException:
+                ours.close()
+                raise
             finally:
                 theirs.close()
             ours.setblocking(False)
@@ -460,7 +469,9 @@ class VhostUserFrontend:
             if region.fd is None or region.host_addr is None:
                 continue
             regions.append(
-                VhostUserMemoryRegion(region.gpa, region.size, region.host_addr, region.fd_offset)
+                VhostUserMemoryRegion(
+                    region.gpa, region.size, FRONTEND_ADDRESS_BASE + region.gpa, region.fd_offset
+                )
             )
             fds.append(region.fd)
         if len(regions) > VHOST_MEMORY_BASELINE_NREGIONS:
@@ -491,10 +502,10 @@ class VhostUserFrontend:
             self._call(FrontendReq.SET_VRING_ENABLE, VhostUserVringState(index, 1))
 
     def _host_address(self, gpa: int, size: int, what: str) -> int:
-        address = self.memory.host_address(gpa, size)
-        if address is None:
+        region = self.memory.find(gpa, size)
+        if region is None or region.fd is None or region.host_addr is None:
             raise BackendError(f"the {what} at {gpa:#x} is not in fd-backed guest memory")
-        return address
+        return FRONTEND_ADDRESS_BASE + gpa
 
     def _send_call_fd(self, queue: QueueConfig) -> None:
         """Give the back-end the queue's MSI-X eventfd, or one of ours that we relay."""
