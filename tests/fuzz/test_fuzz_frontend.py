@@ -5,6 +5,8 @@ configured timeouts, and give every fd back."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from hypothesis import given
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from tests.fuzz import campaign
 from tests.fuzz.engines import FrontendEngine, HypothesisDraw
 from tests.fuzz.invariants import Stats, counting_refusals
+from tests.fuzz.rig import ScriptedBackend
 
 
 def test_hostile_backend_sessions(workdir: Path) -> None:
@@ -32,3 +35,32 @@ def test_frontend_campaign(workdir: Path) -> None:
     stats = campaign.run_frontend(workdir)
     assert stats.crashes == stats.hangs == stats.leaked_fds == 0
     assert stats.messages > 0
+
+
+def test_cli_with_a_garbage_backend_exits_with_a_clear_error(workdir: Path) -> None:
+    """Out of process: a back-end answering GET_FEATURES with garbage framing; the real CLI
+    exits 1 and says why instead of hanging or dumping a traceback."""
+    sock = workdir / "garbage.sock"
+    with ScriptedBackend(sock, policy=lambda _req, _i: "bad-version"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "emulator",
+                "--vfio-user-socket",
+                str(workdir / "v.sock"),
+                "--virtio-id",
+                "4",
+                "--vhost-user-socket",
+                str(sock),
+                "--backend-timeout",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    assert "bad reply to GET_FEATURES" in done.stderr
+    assert "Traceback" not in done.stderr
