@@ -501,6 +501,17 @@ class VhostUserFrontend:
         if self.backend_features & PROTOCOL_FEATURES_BIT:
             self._call(FrontendReq.SET_VRING_ENABLE, VhostUserVringState(index, 1))
 
+    def _rings_mapped(self) -> bool:
+        return all(
+            (region := self.memory.find(gpa, size)) is not None and region.fd is not None
+            for queue in self._active
+            for gpa, size in (
+                (queue.desc, 16 * queue.size),
+                (queue.device, 6 + 8 * queue.size),
+                (queue.driver, 6 + 2 * queue.size),
+            )
+        )
+
     def _host_address(self, gpa: int, size: int, what: str) -> int:
         region = self.memory.find(gpa, size)
         if region is None or region.fd is None or region.host_addr is None:
@@ -545,6 +556,11 @@ class VhostUserFrontend:
 
     def _memory_changed(self) -> None:
         if not self._active or self._sock is None:
+            return
+        if not self._rings_mapped():
+            # QEMU unmaps a range before mapping its pieces again; a table without the rings
+            # makes libvhost-user back-ends drop the connection, so wait for the next change.
+            logger.debug("memory table not re-sent: the rings are not in fd-backed memory yet")
             return
         try:
             self._send_mem_table()
