@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -181,10 +181,17 @@ class Control:
 class Backend(Protocol):
     """A vhost-user back-end: how to start it and how each front-end presents it."""
 
-    label: str
-    virtio_id: int
-    num_queues: int
-    config_size: int
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def virtio_id(self) -> int: ...
+
+    @property
+    def num_queues(self) -> int: ...
+
+    @property
+    def config_size(self) -> int: ...
 
     def start(self, sc: Scenario, socket_path: Path) -> LoggedProcess: ...
 
@@ -420,15 +427,23 @@ class Scenario:
         backend: Backend,
         frontend: Frontend = "emulator",
         emulator_args: Sequence[str] = (),
+        announce: Callable[[str], None] | None = None,
     ) -> Device:
-        """Start a back-end and (for ``emulator``) our emulator in front of it."""
+        """Start a back-end and (for ``emulator``) our emulator in front of it.
+
+        ``announce`` hears "backend" and "emulator" as each starts (the demo numbers them).
+        """
         index = len(self.devices)
         vhost_socket = self.sockdir / f"vhost{index}.sock"
+        if announce is not None:
+            announce("backend")
         with self.step(f"start {backend.label}"):
             backend_proc = backend.start(self, vhost_socket)
         device = Device(index, backend, frontend, vhost_socket, backend_proc)
         self.devices.append(device)
         if frontend == "emulator":
+            if announce is not None:
+                announce("emulator")
             with self.step("start the emulator"):
                 device.vfio_socket = self.sockdir / f"vfio{index}.sock"
                 argv = [

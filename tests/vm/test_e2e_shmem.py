@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from vguest.pattern import PatternKind, crc32c, generate
@@ -150,7 +151,7 @@ def test_refused_requests_leave_the_guest_view_unchanged(
 ) -> None:
     map_range(sc, unmap_after, 0, 0x40000, "counter", seed=11)
     before = guest_crc(sc, 0, 0x40000)
-    refused = {
+    refused: dict[str, dict[str, Any]] = {
         "overlap": {"cmd": "map", "shmid": 0, "shm_offset": 0x48000, "length": 0x1000},
         "past the region's end": {
             "cmd": "map",
