@@ -32,7 +32,7 @@ class BenchSetupError(RuntimeError):
 
 @dataclass
 class EmulatorProcess:
-    """A running ``python -m bench.emulator_main``; ``pid`` for /proc, ``socket`` for clients."""
+    """A running ``python -m emulator``; ``pid`` for /proc, ``socket`` for clients."""
 
     proc: subprocess.Popen[bytes]
     socket: Path
@@ -84,11 +84,11 @@ def emulator_process(
     """Start the emulator with ``args`` (the normal CLI options) and wait for its ready line.
 
     ``max_mappings`` raises the BAR-wide cap on live mappings above the default (which is
-    derived from vm.max_map_count); ``bench.emulator_main`` applies it before start-up.
+    derived from vm.max_map_count) with the emulator's ``--max-mappings``.
     """
     sock = workdir / f"{name}.sock"
     log_path = workdir / f"{name}.log"
-    argv = [sys.executable, "-m", "bench.emulator_main"]
+    argv = [sys.executable, "-m", "emulator"]
     if max_mappings is not None:
         argv += ["--max-mappings", str(max_mappings)]
     argv += ["--vfio-user-socket", str(sock), *args]

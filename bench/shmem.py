@@ -112,8 +112,8 @@ def run_scale(
 
     The mappings are consecutive pages of one memfd at consecutive BAR offsets, so the kernel
     merges their VMAs (vm.max_map_count is 65,530 here) and the emulator closes each received
-    fd once sealed; the BAR-wide cap is raised to fit (bench.emulator_main). At each size the
-    per-op cost is measured at steady state: unmap a random live mapping, map it back.
+    fd once sealed; the BAR-wide cap is raised to fit (the emulator's --max-mappings). At each
+    size the per-op cost is measured at steady state: unmap a random live mapping, map it back.
     """
     top = max(sizes)
     region = max(PAGE, 1 << (top * PAGE - 1).bit_length())

@@ -59,7 +59,13 @@ class Emulator:
                 config.virtio_id, config.num_queues, config.queue_size, config.config_size
             )
         layout = ShmemLayout.from_sizes(sizes) if sizes else None
-        self.shmem = SharedMemoryBar(layout) if layout is not None and layout.regions else None
+        self.shmem = None
+        if layout is not None and layout.regions:
+            self.shmem = SharedMemoryBar(
+                layout,
+                max_mappings=config.max_mappings,
+                max_mappings_per_region=config.max_mappings_per_region,
+            )
         if self.shmem is not None:
             self._stack.callback(self.shmem.close)
         self.device = VirtioPciDevice(

@@ -102,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for each back-end reply",
     )
     parser.add_argument(
+        "--max-mappings",
+        type=int,
+        metavar="N",
+        help="cap on live shared-memory mappings in the whole BAR (default: what "
+        "vm.max_map_count leaves room for, two VMAs per mapping)",
+    )
+    parser.add_argument(
+        "--max-mappings-per-region",
+        type=int,
+        default=65536,
+        metavar="N",
+        help="cap on live mappings in one region (default 65536)",
+    )
+    parser.add_argument(
         "--trace",
         type=Path,
         metavar="FILE",
@@ -134,6 +148,10 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         raise ConfigError(f"--config-size {args.config_size} is outside 0..4096")
     if args.backend_timeout <= 0:
         raise ConfigError("--backend-timeout must be positive")
+    if args.max_mappings is not None and args.max_mappings < 1:
+        raise ConfigError("--max-mappings must be at least 1")
+    if args.max_mappings_per_region < 1:
+        raise ConfigError("--max-mappings-per-region must be at least 1")
     return EmulatorConfig(
         vfio_user_socket=args.vfio_user_socket,
         virtio_id=args.virtio_id,
@@ -145,6 +163,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         shmem_feature_bit=args.shmem_feature_bit,
         trace=args.trace,
         backend_timeout=args.backend_timeout,
+        max_mappings=args.max_mappings,
+        max_mappings_per_region=args.max_mappings_per_region,
     )
 
 

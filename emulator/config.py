@@ -20,3 +20,5 @@ class EmulatorConfig:
     shmem_feature_bit: int = 22
     trace: Path | None = None
     backend_timeout: float = 5.0
+    max_mappings: int | None = None
+    max_mappings_per_region: int = 65536

@@ -9,6 +9,7 @@ leak-free map/unmap cycles and a back-end that never answers."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -578,3 +579,23 @@ def test_trace_covers_the_vhost_user_channels(procs: Processes, tmp_path: Path) 
     assert channel[0]["nfds"] == 1 and channel[0]["payload"]["length"] == 4096
     assert channel[1]["payload"] == {"value": 0}
     assert any(r["channel"] == "vfio-user" for r in records)
+
+
+@pytest.mark.parametrize(
+    ("option", "second_region_refused"),
+    [("--max-mappings", True), ("--max-mappings-per-region", False)],
+)
+def test_mapping_caps_from_the_command_line(
+    procs: Processes, option: str, second_region_refused: bool
+) -> None:
+    back, emu, ctl = start(
+        procs, ("--shmem-region", "0:1M", "--shmem-region", "1:1M"), (option, "2")
+    )
+    assert ctl.map(0, 0, 4096)["ok"]
+    assert ctl.map(0, 0x1000, 4096)["ok"]
+    third = ctl.map(0, 0x2000, 4096)
+    assert not third["ok"] and third["code"] == errno.ENOSPC
+    other_region = ctl.map(1, 0, 4096)
+    assert other_region["ok"] is not second_region_refused
+    emu.stop()
+    back.stop()
