@@ -34,6 +34,7 @@ _libc.mmap.argtypes = [
 ]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_MAX_OFF_T = 1 << 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +173,8 @@ class GuestMemory:
 
 def _mmap_fd(fd: int, size: int, offset: int, writable: bool) -> int:
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    if offset % mmap.PAGESIZE:
-        raise RemoteProtocolError(f"DMA_MAP fd offset {offset:#x} is not page-aligned")
+    if offset % mmap.PAGESIZE or not 0 <= offset < _MAX_OFF_T:
+        raise RemoteProtocolError(f"DMA_MAP fd offset {offset:#x} is not a page-aligned off_t")
     addr = _libc.mmap(None, size, prot, mmap.MAP_SHARED, fd, offset)
     if addr is None or addr == _MAP_FAILED:
         err = ctypes.get_errno()

@@ -262,14 +262,15 @@ class VfioUserServer:
             if not self._readable[region]:
                 return False
             data = self.device.region_read(region, offset, count)
-            size = _READ_REPLY_HEAD + len(data)
-            head = _HEADER.pack(message.msg_id, _REGION_READ, size, _REPLY, 0)
-            self._send_raw(head + _ACCESS.pack(offset, region, len(data)) + data)
+            if message.reply_expected:
+                size = _READ_REPLY_HEAD + len(data)
+                head = _HEADER.pack(message.msg_id, _REGION_READ, size, _REPLY, 0)
+                self._send_raw(head + _ACCESS.pack(offset, region, len(data)) + data)
             return True
         if not self._writable[region]:
             return False
         self.device.region_write(region, offset, access.data)
-        if not message.flags:
+        if message.reply_expected:
             head = _HEADER.pack(message.msg_id, _REGION_WRITE, _READ_REPLY_HEAD, _REPLY, 0)
             self._send_raw(head + _ACCESS.pack(offset, region, count))
         return True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import struct
 import threading
@@ -12,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from emulator import app
 from emulator.app import Emulator
 from emulator.errors import BackendError
-from emulator.shmem import SharedMemoryBar
 from emulator.transport.unix import send_with_fds
 from emulator.vfio_user import messages as vm
 from tests.fuzz.invariants import check_alive
@@ -153,12 +150,9 @@ def test_silent_backend_times_out_with_a_clear_error(workdir: Path) -> None:
         assert time.monotonic() - start < 3
 
 
-def test_mapping_caps_refused_through_the_channel(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    capped = functools.partial(SharedMemoryBar, max_mappings_per_region=4, max_mappings=6)
-    monkeypatch.setattr(app, "SharedMemoryBar", capped)
-    with emulator_with_backend(workdir) as (running, backend):
+def test_mapping_caps_refused_through_the_channel(workdir: Path) -> None:
+    caps = {"max_mappings_per_region": 4, "max_mappings": 6}
+    with emulator_with_backend(workdir, **caps) as (running, backend):
         channel = backend.channel
         statuses = [_map(channel, 0, i * PAGE) for i in range(5)]
         assert statuses == [0, 0, 0, 0, errno.ENOSPC]

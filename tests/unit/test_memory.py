@@ -84,3 +84,13 @@ def test_unmappable_fd_is_refused_without_a_leak() -> None:
     with pytest.raises(RemoteProtocolError):
         memory.map(0, PAGE, fd=read_end)
     assert open_fd_count() == before
+
+
+@pytest.mark.parametrize("offset", [1 << 63, (1 << 64) - 4096, 123])
+def test_fd_offset_outside_off_t_or_unaligned_is_refused(offset: int) -> None:
+    memory = GuestMemory()
+    before = open_fd_count()
+    with pytest.raises(RemoteProtocolError):
+        memory.map(0, PAGE, fd=ram(PAGE), fd_offset=offset)
+    assert open_fd_count() == before
+    assert len(memory) == 0
