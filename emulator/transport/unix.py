@@ -10,6 +10,7 @@ import array
 import contextlib
 import os
 import socket
+import struct
 from collections.abc import Sequence
 
 from emulator.errors import RemoteProtocolError, TransportError
@@ -59,6 +60,16 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> 
             sock.sendall(data[sent:])
     except (ConnectionResetError, BrokenPipeError) as exc:
         raise TransportError(f"connection lost: {exc}") from exc
+
+
+def set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    """Bound blocking sends (SO_SNDTIMEO) so a peer that stops reading cannot stall us.
+
+    Unlike ``settimeout`` this keeps the socket blocking, so there is no fcntl per call.
+    """
+    whole = int(seconds)
+    micros = max(int((seconds - whole) * 1_000_000), 0 if whole else 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", whole, micros))
 
 
 def close_fds(fds: Sequence[int]) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import errno
 import logging
 import socket
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -32,7 +31,7 @@ from emulator.pci.device import (
 )
 from emulator.pci.interrupts import MsixVectors
 from emulator.trace import Tracer
-from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds
+from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds, set_send_timeout
 from emulator.vfio_user import messages as m
 from emulator.vfio_user.codec import DecodeError, Decoder, Message, Role, encode, error_reply_for
 
@@ -59,7 +58,7 @@ _READ_REPLY_HEAD = m.HEADER_SIZE + _ACCESS.size
 _REGION_READ = int(m.Command.REGION_READ)
 _REGION_WRITE = int(m.Command.REGION_WRITE)
 _REPLY = int(m.MsgType.REPLY)
-_SEND_TIMEOUT = struct.pack("ll", 5, 0)
+SEND_TIMEOUT = 5.0
 _IRQ_FLAGS = {
     IrqIndex.INTX: m.IrqInfoFlags.EVENTFD | m.IrqInfoFlags.MASKABLE | m.IrqInfoFlags.AUTOMASKED,
     IrqIndex.MSI: m.IrqInfoFlags.EVENTFD,
@@ -164,7 +163,7 @@ class VfioUserServer:
         # Blocking sends bounded by SO_SNDTIMEO, so a client that stops reading is dropped
         # instead of stalling the loop; receives use MSG_DONTWAIT. No fcntl per message.
         client.setblocking(True)
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _SEND_TIMEOUT)
+        set_send_timeout(client, SEND_TIMEOUT)
         self._client = client
         self._decoder = Decoder(Role.SERVER)
         self._negotiated = False

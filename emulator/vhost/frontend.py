@@ -40,7 +40,7 @@ from emulator.memory import GuestMemory
 from emulator.pci.interrupts import MsixVectors
 from emulator.shmem import MappingRefused, SharedMemoryBar, ShmemLayout
 from emulator.trace import Tracer
-from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds
+from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds, set_send_timeout
 from emulator.vhost.codec import (
     Channel,
     Decoder,
@@ -181,6 +181,7 @@ class VhostUserFrontend:
             features |= PROTOCOL_FEATURES_BIT
         self._call(FrontendReq.SET_FEATURES, VhostUserU64(features))
         self._send_mem_table()
+        self._close_queue_fds()  # a re-activation must not leak the previous kick fds
         self._active = tuple(queues)
         for queue in queues:
             self._start_queue(queue)
@@ -304,7 +305,8 @@ class VhostUserFrontend:
                 raise
             finally:
                 theirs.close()
-            ours.setblocking(False)
+            # Blocking sends bounded by SO_SNDTIMEO, MSG_DONTWAIT receives: no fcntl per reply.
+            set_send_timeout(ours, self.timeout)
             self._channel = ours
             self._channel_decoder = Decoder(Channel.BACKEND, expect_replies=False)
             self.loop.add_reader(ours.fileno(), self._on_channel_readable)
@@ -589,7 +591,7 @@ class VhostUserFrontend:
                 return
             channel, decoder = self._channel, self._channel_decoder
             try:
-                data, fds = recv_with_fds(channel, max(decoder.bytes_needed(), 1))
+                data, fds = recv_with_fds(channel, max(decoder.bytes_needed(), 1), nonblocking=True)
             except BlockingIOError:
                 return
             except (TransportError, RemoteProtocolError, OSError) as exc:
@@ -677,15 +679,10 @@ class VhostUserFrontend:
     def _channel_send_bytes(self, data: bytes, fds: Sequence[int] = ()) -> None:
         if self._channel is None:
             return
-        self._channel.setblocking(True)
-        self._channel.settimeout(self.timeout)
         try:
             send_with_fds(self._channel, data, fds)
         except (TransportError, OSError) as exc:
             self._disconnect(f"back-end channel: {exc}")
-        finally:
-            if self._channel is not None:
-                self._channel.setblocking(False)
 
     def _channel_reply_raw(self, request_id: int, status: int) -> None:
         """Answer a request the codec rejected. Its number may be one no enum knows (or 0),
