@@ -81,7 +81,8 @@ P = TypeVar("P", bound=Payload)
 
 
 class ShmemRequestRefused(BackendError):
-    """The front-end answered a SHMEM_MAP/UNMAP with a non-zero status ``code``."""
+    """The front-end answered a back-end request (SHMEM_MAP/UNMAP, CONFIG_CHANGE_MSG) with a
+    non-zero status ``code``."""
 
     def __init__(self, req: BackendReq, code: int) -> None:
         super().__init__(f"front-end refused {req.name}: status {code}")
@@ -629,14 +630,23 @@ class VhostUserBackend:
         """
         flags = int(VhostUserMMapFlag.RW) if writable else 0
         mmap_req = VhostUserMMap(shmid, fd_offset, shm_offset, length, flags)
-        self._backend_request(BackendReq.SHMEM_MAP, mmap_req, [fd])
+        self._backend_request(BackendReq.SHMEM_MAP, mmap_req, [fd], self.shmem_mask)
 
     def shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> None:
         """Ask the front-end to unmap [shm_offset, shm_offset + length) of ``shmid``."""
         mmap_req = VhostUserMMap(shmid, 0, shm_offset, length, 0)
-        self._backend_request(BackendReq.SHMEM_UNMAP, mmap_req, [])
+        self._backend_request(BackendReq.SHMEM_UNMAP, mmap_req, [], self.shmem_mask)
 
-    def _backend_request(self, req: BackendReq, payload: Payload, fds: list[int]) -> None:
+    def config_changed(self) -> None:
+        """Tell the front-end the device config changed (CONFIG_CHANGE_MSG): it re-reads it
+        and raises the guest's config interrupt."""
+        self._backend_request(
+            BackendReq.CONFIG_CHANGE_MSG, EMPTY, [], VhostUserProtocolFeature.CONFIG
+        )
+
+    def _backend_request(
+        self, req: BackendReq, payload: Payload, fds: list[int], feature: int
+    ) -> None:
         with self._channel_lock:
             sock = self._channel
             if sock is None:
@@ -645,11 +655,11 @@ class VhostUserBackend:
                     state="no back-end channel",
                     required="SET_BACKEND_REQ_FD",
                 )
-            if not self.acked_protocol_features & self.shmem_mask:
+            if not self.acked_protocol_features & feature:
                 raise StateError(
                     f"cannot send {req.name}",
-                    state="SHMEM not negotiated",
-                    required=f"protocol feature {self.shmem_mask:#x}",
+                    state=f"protocol features {self.acked_protocol_features:#x}",
+                    required=f"protocol feature {feature:#x}",
                 )
             need_reply = bool(self.acked_protocol_features & VhostUserProtocolFeature.REPLY_ACK)
             msg = request(req, payload, fds=fds, need_reply=need_reply)

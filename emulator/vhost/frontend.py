@@ -143,6 +143,9 @@ class VhostUserFrontend:
         self._own_call_fds: dict[int, int] = {}
         self._reconnect_pending = False
         self._closed = False
+        #: The back-end's config space as last read; a guest driver reads it a few bytes at a
+        #: time, so like QEMU we ask once and again only after CONFIG_CHANGE_MSG or a write.
+        self._config: bytes | None = None
         memory.on_change(self._memory_changed)
 
     # -- VirtioBackend -----------------------------------------------------------------------
@@ -158,18 +161,21 @@ class VhostUserFrontend:
     def read_config(self, offset: int, size: int) -> bytes:
         if not self._has(PF.CONFIG) or offset + size > self.config_size:
             return bytes(size)
-        # Always the whole space from offset 0, as QEMU asks: libvhost-user back-ends
-        # (qemu-storage-daemon) ignore the offset and answer from the start of their config.
-        whole = self.config_size
-        query = VhostUserConfig(0, whole, 0, bytes(whole))
-        reply = self._call(FrontendReq.GET_CONFIG, query, reply=VhostUserConfig)
-        if reply.size != whole or len(reply.payload) != whole:
-            raise BackendError(f"GET_CONFIG answered {reply.size} bytes for {whole}")
-        return reply.payload[offset : offset + size]
+        if self._config is None:
+            # Always the whole space from offset 0, as QEMU asks: libvhost-user back-ends
+            # (qemu-storage-daemon) ignore the offset and answer from the start of their config.
+            whole = self.config_size
+            query = VhostUserConfig(0, whole, 0, bytes(whole))
+            reply = self._call(FrontendReq.GET_CONFIG, query, reply=VhostUserConfig)
+            if reply.size != whole or len(reply.payload) != whole:
+                raise BackendError(f"GET_CONFIG answered {reply.size} bytes for {whole}")
+            self._config = reply.payload
+        return self._config[offset : offset + size]
 
     def write_config(self, offset: int, data: bytes) -> None:
         if not self._has(PF.CONFIG) or offset + len(data) > self.config_size:
             return
+        self._config = None
         self._call(FrontendReq.SET_CONFIG, VhostUserConfig(offset, len(data), 0, data))
 
     def activate(self, driver_features: int, queues: Sequence[QueueConfig]) -> None:
@@ -204,6 +210,7 @@ class VhostUserFrontend:
 
     def reset(self) -> None:
         """Every device reset, even before DRIVER_OK: reset the back-end, drop all mappings."""
+        self._config = None
         if self._sock is not None and self._has(PF.RESET_DEVICE):
             try:
                 self._call(FrontendReq.RESET_DEVICE)
@@ -333,6 +340,7 @@ class VhostUserFrontend:
                 decoder.close()
         self._sock = self._channel = None
         self._decoder = self._channel_decoder = None
+        self._config = None
         if not was_connected:
             return
         if not quiet:
@@ -645,6 +653,7 @@ class VhostUserFrontend:
                 self._shmem.unmap(mmap_request.shmid, mmap_request.shm_offset, mmap_request.length)
             return 0
         if req is BackendReq.CONFIG_CHANGE_MSG:
+            self._config = None
             if self._device is not None:
                 self._device.config_changed()
             return 0

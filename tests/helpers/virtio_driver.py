@@ -228,6 +228,11 @@ class VirtioDriver:
     def common_write(self, field_offset: int, value: int, width: int) -> None:
         self.bar_write(self.common.bar, self.common.offset + field_offset, value, width)
 
+    def device_cfg_read(self, offset: int, size: int) -> bytes:
+        """Bytes of the device-specific config window (VIRTIO_PCI_CAP_DEVICE_CFG)."""
+        cap = self._cap(VIRTIO_PCI_CAP.DEVICE_CFG)
+        return self.client.region_read(cap.bar, cap.offset + offset, size)
+
     @property
     def status(self) -> int:
         return self.common_read(DEVICE_STATUS, 1)

@@ -267,14 +267,20 @@ def test_zero_length_and_unknown_flags_refused_through_the_library(
             for flags in (0x2, 0x1 | 0x80, 1 << 63):
                 with pytest.raises(ShmemRequestRefused) as unknown:
                     backend._backend_request(
-                        BackendReq.SHMEM_MAP, VhostUserMMap(0, 0, 0, 4096, flags), [memfd]
+                        BackendReq.SHMEM_MAP,
+                        VhostUserMMap(0, 0, 0, 4096, flags),
+                        [memfd],
+                        backend.shmem_mask,
                     )
                 assert unknown.value.code != 0
             with pytest.raises(ShmemRequestRefused):
                 backend.shmem_unmap(0, 0, 0)
             with pytest.raises(ShmemRequestRefused):
                 backend._backend_request(
-                    BackendReq.SHMEM_UNMAP, VhostUserMMap(0, 0, 0, 4096, 0x4), []
+                    BackendReq.SHMEM_UNMAP,
+                    VhostUserMMap(0, 0, 0, 4096, 0x4),
+                    [],
+                    backend.shmem_mask,
                 )
             assert memfd_mappings(emu.pid, "memfd:vhost-shmem-test") == []
             assert driver.shm_read(0, 0, 8) == bytes(8)
@@ -599,3 +605,44 @@ def test_mapping_caps_from_the_command_line(
     assert other_region["ok"] is not second_region_refused
     emu.stop()
     back.stop()
+
+
+class _ConfigDevice(ShmemRngDevice):
+    """A device whose config space the test changes underneath the guest."""
+
+    def __init__(self) -> None:
+        super().__init__([(0, MiB)])
+        self.config = bytearray(b"generation-1".ljust(16, b"\0"))
+        self.reads = 0
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        self.reads += 1
+        return bytes(self.config[offset : offset + size])
+
+
+def test_config_is_read_once_and_again_after_config_change(
+    procs: Processes, tmp_path: Path
+) -> None:
+    path = tmp_path / "config.sock"
+    device = _ConfigDevice()
+    backend = VhostUserBackend(device, str(path))
+    thread = backend.serve_in_thread()
+    try:
+        emu = procs.emulator("--vhost-user-socket", str(path), "--config-size", "16")
+        assert backend.wait_connected(10)
+        with guest(emu) as driver:
+            driver.bring_up(queues=1, queue_size=8)
+            config_vector = driver.msix_fds[0]
+            before = device.reads
+            first = b"".join(driver.device_cfg_read(i, 1) for i in range(12))
+            assert first == b"generation-1"
+            assert device.reads == before + 1  # twelve guest reads, one GET_CONFIG
+            device.config[11:12] = b"2"
+            assert driver.device_cfg_read(11, 1) == b"1"  # still the cached copy
+            backend.config_changed()
+            wait_eventfd(config_vector, 10)
+            assert driver.device_cfg_read(0, 12) == b"generation-2"
+        emu.stop()
+    finally:
+        backend.stop()
+        thread.join(10)
