@@ -9,8 +9,6 @@ Regions the client sends without an fd are recorded but cannot be handed to a ba
 from __future__ import annotations
 
 import bisect
-import ctypes
-import ctypes.util
 import errno
 import logging
 import mmap
@@ -19,22 +17,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from emulator.errors import RemoteProtocolError
+from emulator.mman import (
+    MAP_SHARED,
+    MAX_FILE_OFFSET,
+    PROT_READ,
+    PROT_WRITE,
+    map_memory,
+    unmap_memory,
+)
 
 logger = logging.getLogger(__name__)
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_MAX_OFF_T = 1 << 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +154,7 @@ class GuestMemory:
         del self._regions[index]
         del self._starts[index]
         if region.host_addr is not None:
-            _libc.munmap(region.host_addr, region.size)
+            unmap_memory(region.host_addr, region.size)
         if region.fd is not None:
             os.close(region.fd)
 
@@ -172,13 +164,11 @@ class GuestMemory:
 
 
 def _mmap_fd(fd: int, size: int, offset: int, writable: bool) -> int:
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    if offset % mmap.PAGESIZE or not 0 <= offset < _MAX_OFF_T:
+    prot = PROT_READ | (PROT_WRITE if writable else 0)
+    if offset % mmap.PAGESIZE or not 0 <= offset < MAX_FILE_OFFSET:
         raise RemoteProtocolError(f"DMA_MAP fd offset {offset:#x} is not a page-aligned off_t")
-    addr = _libc.mmap(None, size, prot, mmap.MAP_SHARED, fd, offset)
-    if addr is None or addr == _MAP_FAILED:
-        err = ctypes.get_errno()
-        raise RemoteProtocolError(
-            f"cannot mmap DMA region fd: {os.strerror(err)}", err or errno.EINVAL
-        )
-    return int(addr)
+    try:
+        return map_memory(0, size, prot, MAP_SHARED, fd=fd, offset=offset)
+    except OSError as exc:
+        code = exc.errno or errno.EINVAL
+        raise RemoteProtocolError(f"cannot mmap DMA region fd: {exc.strerror}", code) from exc

@@ -35,21 +35,25 @@ from types import TracebackType
 from typing import NoReturn
 
 from emulator.errors import EmulatorError, RemoteProtocolError, StateError
+from emulator.mman import (
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_NORESERVE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MAX_FILE_OFFSET,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+    map_memory,
+    unmap_memory,
+)
 from emulator.shmem.layout import PAGE_SIZE, RegionLayout, ShmemLayout
 from emulator.shmem.table import MappingTable
 
 logger = logging.getLogger(__name__)
 
-PROT_NONE = 0x0
-PROT_READ = 0x1
-PROT_WRITE = 0x2
-MAP_SHARED = 0x01
-MAP_PRIVATE = 0x02
-MAP_FIXED = 0x10
-MAP_ANONYMOUS = 0x20
-MAP_NORESERVE = 0x4000
 _RESERVE_FLAGS = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
-_MAX_FILE_OFFSET = 1 << 63
 _HUGE_ALIGN = 2 << 20
 
 DEFAULT_MAX_MAPPINGS_PER_REGION = 65_536
@@ -57,56 +61,25 @@ DEFAULT_MAX_MAPPINGS = 262_144
 DEFAULT_MAX_ACCESS = 1 << 20
 _VMA_HEADROOM = 8_192
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_mmap = _libc.mmap
-_mmap.restype = ctypes.c_void_p
-_mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int64,
-]
-_munmap = _libc.munmap
-_munmap.restype = ctypes.c_int
-_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
 _string_at = ctypes.string_at
 _memmove = ctypes.memmove
 
 
-def _sys_mmap(
-    address: int, length: int, prot: int, flags: int, *, fd: int = -1, offset: int = 0
-) -> int:
-    result = _mmap(address, length, prot, flags, fd, offset)
-    if result is None or result == _MAP_FAILED:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return int(result)
-
-
-def _sys_munmap(address: int, length: int) -> None:
-    if _munmap(address, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
 def _reserve_fixed(address: int, length: int) -> None:
     """Replace ``[address, +length)``, which must be ours, by a fresh PROT_NONE reservation."""
-    _sys_mmap(address, length, PROT_NONE, _RESERVE_FLAGS | MAP_FIXED)
+    map_memory(address, length, PROT_NONE, _RESERVE_FLAGS | MAP_FIXED)
 
 
 def _reserve(size: int) -> int:
     """Reserve ``size`` bytes of address space, 2 MiB aligned when big enough (huge pages)."""
     align = _HUGE_ALIGN if size >= _HUGE_ALIGN else PAGE_SIZE
-    raw = _sys_mmap(0, size + align - PAGE_SIZE, PROT_NONE, _RESERVE_FLAGS)
+    raw = map_memory(0, size + align - PAGE_SIZE, PROT_NONE, _RESERVE_FLAGS)
     address = -(-raw // align) * align
     if address > raw:
-        _sys_munmap(raw, address - raw)
+        unmap_memory(raw, address - raw)
     tail = raw + size + align - PAGE_SIZE - (address + size)
     if tail:
-        _sys_munmap(address + size, tail)
+        unmap_memory(address + size, tail)
     return address
 
 
@@ -337,7 +310,7 @@ class SharedMemoryRegion:
             self._refuse(RefusalReason.ALIGNMENT, f"{span}: not {PAGE_SIZE}-byte aligned")
         if shm_offset < 0 or fd_offset < 0 or shm_offset + length > self.size:
             self._refuse(RefusalReason.RANGE, f"{span}: outside the {self.size:#x}-byte region")
-        if fd_offset + length > _MAX_FILE_OFFSET:
+        if fd_offset + length > MAX_FILE_OFFSET:
             self._refuse(RefusalReason.RANGE, f"{span}: file range overflows")
         if len(self._table) >= self.max_mappings:
             self._refuse(RefusalReason.LIMIT, f"{span}: region holds {self.max_mappings} mappings")
@@ -358,7 +331,7 @@ class SharedMemoryRegion:
         address = self.host_address + shm_offset
         prot = PROT_READ | PROT_WRITE if writable else PROT_READ
         try:
-            _sys_mmap(address, length, prot, MAP_SHARED | MAP_FIXED, fd=fd, offset=fd_offset)
+            map_memory(address, length, prot, MAP_SHARED | MAP_FIXED, fd=fd, offset=fd_offset)
         except OSError as exc:
             self._restore(address, length)
             self._refuse(RefusalReason.MMAP, f"{span}: mmap: {exc.strerror}", exc.errno)
@@ -648,7 +621,7 @@ class SharedMemoryBar:
             logger.error("shared-memory BAR at %#x left reserved (damaged)", res.address)
         else:
             try:
-                _sys_munmap(res.address, res.size)
+                unmap_memory(res.address, res.size)
             except OSError as exc:
                 logger.error("shared-memory BAR at %#x not released: %s", res.address, exc)
         for region in self.regions:
