@@ -11,7 +11,7 @@ import heapq
 import itertools
 import logging
 import os
-import selectors
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -26,21 +26,28 @@ class EventLoop:
     """Call a callback when an fd becomes readable or a timer expires, until ``stop()``."""
 
     def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
+        # Raw epoll rather than ``selectors``: one dict lookup per ready fd and no key objects,
+        # which is measurable when every guest BAR read is one wake-up.
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, Callback] = {}
         self._timers: list[tuple[float, int, Callback]] = []
         self._sequence = itertools.count()
         self._running = False
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
+        self.add_reader(self._wakeup_r, self._drain_wakeup)
         self._old_handlers: dict[int, object] = {}
         self.stop_reason = ""
 
     def add_reader(self, fd: int, callback: Callback) -> None:
-        self._selector.register(fd, selectors.EVENT_READ, callback)
+        if fd in self._callbacks:
+            raise KeyError(f"fd {fd} already has a reader")
+        self._epoll.register(fd, select.EPOLLIN)
+        self._callbacks[fd] = callback
 
     def remove_reader(self, fd: int) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(fd)
+        if self._callbacks.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
 
     def call_later(self, delay: float, callback: Callback) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._sequence), callback))
@@ -62,24 +69,31 @@ class EventLoop:
 
     def run(self) -> None:
         self._running = True
+        callbacks = self._callbacks
         while self._running:
-            timeout = None
+            timeout = -1.0
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
-            for key, _ in self._selector.select(timeout):
-                callback: Callback = key.data
-                callback()
+            try:
+                ready = self._epoll.poll(timeout)
+            except InterruptedError:
+                continue
+            for fd, _ in ready:
+                callback = callbacks.get(fd)
+                if callback is not None:
+                    callback()
                 if not self._running:
                     break
-            now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
-                _, _, callback = heapq.heappop(self._timers)
-                callback()
+            if self._timers:
+                now = time.monotonic()
+                while self._timers and self._timers[0][0] <= now:
+                    _, _, timer = heapq.heappop(self._timers)
+                    timer()
 
     def close(self) -> None:
         for signum, old in self._old_handlers.items():
             signal.signal(signum, old)  # type: ignore[arg-type]
-        self._selector.close()
+        self._epoll.close()
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
 
