@@ -43,7 +43,7 @@ bench: toolchain
 	$(PY) -m bench
 
 fuzz: setup
-	$(VENV)/bin/pytest tests/fuzz --hypothesis-profile=campaign
+	$(VENV)/bin/pytest tests/fuzz --hypothesis-profile=campaign --timeout=4000
 
 clean:
 	rm -rf $(VENV) build *.egg-info
