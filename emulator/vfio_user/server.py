@@ -438,7 +438,9 @@ class VfioUserServer:
     def _apply_irq_set(self, vectors: MsixVectors, request: m.SetIrqs, fds: list[int]) -> None:
         flags = m.IrqSetFlags(request.flags)
         start, count = request.start, request.count
-        if count and (start >= vectors.count or start + count > vectors.count):
+        # As the kernel's vfio_set_irqs_validate_and_prepare: start must name a vector even
+        # when count is 0.
+        if start >= vectors.count or start + count > vectors.count:
             raise RemoteProtocolError(f"vectors {start}+{count} outside 0..{vectors.count}")
         if flags & m.IrqSetFlags.ACTION_TRIGGER:
             if flags & m.IrqSetFlags.DATA_EVENTFD:

@@ -28,7 +28,10 @@ from emulator.vfio_user.messages import (
     DmaMap,
     DmaMapFlags,
     HeaderFlags,
+    IrqIndex,
+    IrqSetFlags,
     RegionAccess,
+    SetIrqs,
     Version,
 )
 from tests.helpers.processes import Processes, fd_count, fd_targets, procs
@@ -279,6 +282,12 @@ def test_bad_requests_get_fitting_error_replies(procs: Processes) -> None:
             assert peer.error_of(read) == errno.EINVAL, (region, offset, count)
             payload = region_access(region, offset, count, b"\xee" * count)
             assert peer.error_of(peer.send(Command.REGION_WRITE, payload)) == errno.EINVAL
+        # SET_IRQS whose start names no vector, even with count 0 (found by the fuzzer: it
+        # used to surface as EIO from an unexpected exception).
+        flags = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER
+        for index, start in ((IrqIndex.MSIX, 0xFFFF_FFFF), (IrqIndex.INTX, 1)):
+            irqs = SetIrqs(20, flags, index, start, 0).pack()
+            assert peer.error_of(peer.send(Command.DEVICE_SET_IRQS, irqs)) == errno.EINVAL
         huge = peer.send(Command.REGION_READ, region_access(SHMEM_BAR, 0, 2 * MiB))
         assert peer.error_of(huge) == errno.EINVAL  # beyond max_data_xfer_size
         # fds on messages that take none: refused, and the server keeps none of them.
