@@ -494,15 +494,8 @@ class VhostUserFrontend:
     def _start_queue(self, queue: QueueConfig) -> None:
         index = queue.index
         self._call(FrontendReq.SET_VRING_NUM, VhostUserVringState(index, queue.size))
-        addresses = VhostUserVringAddr(
-            index,
-            0,
-            self._host_address(queue.desc, 16 * queue.size, "descriptor table"),
-            self._host_address(queue.device, 6 + 8 * queue.size, "used ring"),
-            self._host_address(queue.driver, 6 + 2 * queue.size, "available ring"),
-            0,
-        )
-        self._call(FrontendReq.SET_VRING_ADDR, addresses)
+        desc, used, avail = (self._frontend_address(*area) for area in _ring_areas(queue))
+        self._call(FrontendReq.SET_VRING_ADDR, VhostUserVringAddr(index, 0, desc, used, avail, 0))
         self._call(FrontendReq.SET_VRING_BASE, VhostUserVringState(index, 0))
         self._send_call_fd(queue)
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -513,18 +506,18 @@ class VhostUserFrontend:
 
     def _rings_mapped(self) -> bool:
         return all(
-            (region := self.memory.find(gpa, size)) is not None and region.fd is not None
+            self._in_backed_memory(gpa, size)
             for queue in self._active
-            for gpa, size in (
-                (queue.desc, 16 * queue.size),
-                (queue.device, 6 + 8 * queue.size),
-                (queue.driver, 6 + 2 * queue.size),
-            )
+            for _, gpa, size in _ring_areas(queue)
         )
 
-    def _host_address(self, gpa: int, size: int, what: str) -> int:
+    def _in_backed_memory(self, gpa: int, size: int) -> bool:
         region = self.memory.find(gpa, size)
-        if region is None or region.fd is None or region.host_addr is None:
+        return region is not None and region.fd is not None and region.host_addr is not None
+
+    def _frontend_address(self, what: str, gpa: int, size: int) -> int:
+        """The address the back-end is told for guest-physical ``gpa`` (see the base above)."""
+        if not self._in_backed_memory(gpa, size):
             raise BackendError(f"the {what} at {gpa:#x} is not in fd-backed guest memory")
         return FRONTEND_ADDRESS_BASE + gpa
 
@@ -740,3 +733,12 @@ class VhostUserFrontend:
             self.tracer.record(
                 "vhost-user-backend", "in", f"invalid:{exc.header.request}", error=exc.errno
             )
+
+
+def _ring_areas(queue: QueueConfig) -> tuple[tuple[str, int, int], ...]:
+    """The split ring's three areas, in SET_VRING_ADDR order: descriptors, used, available."""
+    return (
+        ("descriptor table", queue.desc, 16 * queue.size),
+        ("used ring", queue.device, 6 + 8 * queue.size),
+        ("available ring", queue.driver, 6 + 2 * queue.size),
+    )
