@@ -77,7 +77,6 @@ class Emulator:
         self._stack.callback(self.device.intx.close)
         if self.frontend is not None:
             self.frontend.attach(self.device, self.shmem)
-        self.memory.on_change(self.device.guest_memory_changed)
         self.server = VfioUserServer(
             config.vfio_user_socket, self.device, self.memory, self.loop, self.tracer
         )

@@ -85,7 +85,3 @@ class PciDevice(Protocol):
     def reset(self) -> None:
         """Function-level reset (vfio-user DEVICE_RESET)."""
         ...
-
-    def guest_memory_changed(self) -> None:
-        """The client's DMA regions changed (DMA_MAP / DMA_UNMAP)."""
-        ...

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from emulator.errors import ConfigError
@@ -216,7 +216,6 @@ class VirtioPciDevice:
         *,
         shmem_layout: ShmemLayoutInfo | None = None,
         shmem: ShmemAccess | None = None,
-        on_guest_memory_changed: Callable[[], None] | None = None,
     ) -> None:
         num_queues = backend.num_queues
         if not 0 < num_queues <= MAX_QUEUES:
@@ -237,7 +236,6 @@ class VirtioPciDevice:
             num_vectors=self.num_vectors,
             on_needs_reset=self._raise_config_interrupt,
         )
-        self._on_guest_memory_changed = on_guest_memory_changed
         self._shmem = shmem
         regions = tuple(shmem_layout.regions) if shmem_layout is not None else ()
         self._shmem_bar_size = shmem_layout.bar_size if shmem_layout and regions else 0
@@ -401,10 +399,6 @@ class VirtioPciDevice:
         self._reset_virtio()
         self.config.reset()
         self._reset_msix_table()
-
-    def guest_memory_changed(self) -> None:
-        if self._on_guest_memory_changed is not None:
-            self._on_guest_memory_changed()
 
     # Events from the back-end side
 

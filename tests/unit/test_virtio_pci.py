@@ -878,14 +878,6 @@ def test_no_shared_memory_bar_without_regions() -> None:
     assert not any(c.cfg_type == VirtioPciCapType.SHARED_MEMORY_CFG for c in drv.caps)
 
 
-def test_guest_memory_changed_forwards() -> None:
-    calls: list[int] = []
-    dev = VirtioPciDevice(FakeBackend(), on_guest_memory_changed=lambda: calls.append(1))
-    dev.guest_memory_changed()
-    assert calls == [1]
-    make()[0].guest_memory_changed()  # no callback: nothing happens
-
-
 def test_bus_master_off_stops_the_back_end_and_driver_ok_restarts_it() -> None:
     dev, backend = make()
     drv = Driver(dev)
