@@ -18,8 +18,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from emulator.backends.shmem_reference import ShmemRngDevice
-from emulator.vhost.backend import VhostUserBackend
+from vhost_user_backend.daemon import VhostUserDaemon
+from vhost_user_backend.devices.shmem_reference import ShmemRngDevice
 
 READY_LINE = "ready: listening for a vfio-user client on "
 START_TIMEOUT = 30.0
@@ -119,10 +119,10 @@ def emulator_process(
 @contextlib.contextmanager
 def shmem_backend(
     socket_path: Path, regions: Sequence[tuple[int, int]]
-) -> Iterator[tuple[ShmemRngDevice, VhostUserBackend]]:
+) -> Iterator[tuple[ShmemRngDevice, VhostUserDaemon]]:
     """The reference shared-memory device (virtio-rng compatible) served from a thread."""
     device = ShmemRngDevice(regions)
-    backend = VhostUserBackend(device, str(socket_path))
+    backend = VhostUserDaemon(device, str(socket_path))
     thread = backend.serve_in_thread()
     try:
         yield device, backend
@@ -131,7 +131,7 @@ def shmem_backend(
         thread.join(10)
 
 
-def wait_negotiated(backend: VhostUserBackend, timeout: float = 30.0) -> None:
+def wait_negotiated(backend: VhostUserDaemon, timeout: float = 30.0) -> None:
     """Wait until the front-end connected and set up the back-end channel."""
     deadline = time.monotonic() + timeout
     while not backend.status()["backend_channel"]:

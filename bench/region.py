@@ -30,10 +30,10 @@ from bench.report import Report
 from emulator.app import Emulator
 from emulator.config import EmulatorConfig
 from emulator.pci.device import RegionIndex
-from emulator.transport.unix import recv_with_fds, send_with_fds
 from emulator.vfio_user import messages as m
 from emulator.vfio_user.client import VfioUserClient
 from emulator.vfio_user.codec import Decoder, Message, Role, encode
+from wire.unix import recv_with_fds, send_with_fds
 
 BAR4 = RegionIndex.BAR4
 RAM_SIZE = 16 << 20

@@ -17,10 +17,10 @@ import time
 from collections.abc import Sequence
 
 from emulator.pci.device import RegionIndex
-from emulator.transport.unix import recv_with_fds
 from emulator.vfio_user import messages as m
 from emulator.vfio_user.client import VfioUserClient
 from emulator.vfio_user.codec import Decoder, Message, Role, encode
+from wire.unix import recv_with_fds
 
 RAM_SIZE = 16 << 20
 

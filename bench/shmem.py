@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.procs import emulator_process, memfd, shmem_backend, wait_negotiated, workdir
 from bench.report import Report
-from emulator.vhost.backend import VhostUserBackend
+from vhost_user_backend.daemon import VhostUserDaemon
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ WARMUP = 3
 
 
 def time_map_unmap(
-    backend: VhostUserBackend, fd: int, length: int, shm_offset: int = 0
+    backend: VhostUserDaemon, fd: int, length: int, shm_offset: int = 0
 ) -> tuple[float, float]:
     """One SHMEM_MAP and one SHMEM_UNMAP of ``length`` bytes of ``fd``, in microseconds."""
     clock = time.perf_counter_ns
@@ -47,7 +47,7 @@ def time_map_unmap(
 
 
 def round_trips(
-    backends: dict[str, VhostUserBackend], reps: int, sizes: dict[str, int] = MAP_SIZES
+    backends: dict[str, VhostUserDaemon], reps: int, sizes: dict[str, int] = MAP_SIZES
 ) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
     """``{front-end: {size: (map_us, unmap_us)}}``, front-ends interleaved rep by rep.
 

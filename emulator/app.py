@@ -18,9 +18,9 @@ from emulator.pci.virtio_pci import VirtioPciDevice
 from emulator.shmem import SharedMemoryBar, ShmemLayout
 from emulator.trace import Tracer
 from emulator.vfio_user.server import VfioUserServer
-from emulator.vhost.frontend import VhostUserFrontend
-from emulator.virtio.backend import VirtioBackend
-from emulator.virtio.standalone import StandaloneBackend
+from emulator.vhost_frontend.frontend import VhostUserFrontend
+from emulator.virtio.device import VirtioDevice
+from emulator.virtio.standalone import StandaloneDevice
 
 logger = logging.getLogger("emulator")
 
@@ -53,9 +53,9 @@ class Emulator:
             self.frontend.connect_blocking()
             if not sizes:
                 sizes = self.frontend.shmem_sizes
-            backend: VirtioBackend = self.frontend
+            backend: VirtioDevice = self.frontend
         else:
-            backend = StandaloneBackend(
+            backend = StandaloneDevice(
                 config.virtio_id, config.num_queues, config.queue_size, config.config_size
             )
         layout = ShmemLayout.from_sizes(sizes) if sizes else None

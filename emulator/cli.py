@@ -14,7 +14,7 @@ from pathlib import Path
 
 from emulator.app import run
 from emulator.config import EmulatorConfig
-from emulator.errors import ConfigError, EmulatorError
+from emulator.errors import ANY_ERROR, ConfigError
 
 SHMEM_FEATURE_BITS = (22, 20)
 
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return run(config_from_args(args))
-    except EmulatorError as exc:
+    except ANY_ERROR as exc:
         logging.getLogger("emulator").error("%s", exc)
         return 1
 

@@ -1,67 +1,32 @@
-"""The emulator's exception hierarchy.
+"""The emulator's own errors; protocol, transport and state errors come from ``wire.errors``.
 
 ::
 
     EmulatorError
      +-- ConfigError            bad command line or region layout; nothing was started
-     +-- ProtocolError          a message broke a protocol (carries an errno for the reply)
-     |    +-- RemoteProtocolError   the peer sent it: reply with ``errno`` or, if ``fatal``,
-     |    |                         disconnect (framing can no longer be trusted)
-     |    +-- LocalProtocolError    we were asked to encode something invalid: a bug here
-     +-- TransportError         the socket failed; ``reconnect`` says whether retrying makes sense
-     +-- StateError             an operation arrived in the wrong state (names both states)
-     +-- BackendError           the vhost-user back-end refused, misbehaved or went away
+     +-- BackendFailure         the vhost-user back-end refused, answered wrongly or went away
+     +-- ShmemError             (emulator.shmem) a shared-memory BAR operation failed
+     +-- VfioUserError          (emulator.vfio_user.client) our test client's failures
 
-Peers are untrusted, so handlers raise these instead of asserting; the server turns a
-``RemoteProtocolError`` into an error reply and keeps serving.
+Code that must survive anything a peer does catches ``(EmulatorError, WireError)``.
 """
 
 from __future__ import annotations
 
-import errno as _errno
+from wire.errors import WireError
 
 
 class EmulatorError(Exception):
-    """Root of every error the emulator raises on purpose."""
+    """Root of every error the emulator itself raises on purpose."""
 
 
 class ConfigError(EmulatorError):
     """The configuration (CLI, region layout, back-end shared-memory config) is unusable."""
 
 
-class ProtocolError(EmulatorError):
-    """A message violated a protocol; ``errno`` is what an error reply should carry."""
-
-    def __init__(self, message: str, errno: int = _errno.EINVAL, *, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.errno = errno
-        self.fatal = fatal
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer sent something invalid. ``fatal`` means the byte stream cannot be resynced."""
-
-
-class LocalProtocolError(ProtocolError):
-    """We tried to encode or send something the protocol does not allow."""
-
-
-class TransportError(EmulatorError):
-    """The connection failed. ``reconnect`` is True when a new connection may succeed."""
-
-    def __init__(self, message: str, *, reconnect: bool = True) -> None:
-        super().__init__(message)
-        self.reconnect = reconnect
-
-
-class StateError(EmulatorError):
-    """An operation needs another state than the current one."""
-
-    def __init__(self, message: str, *, state: str, required: str) -> None:
-        super().__init__(f"{message} (state {state}, requires {required})")
-        self.state = state
-        self.required = required
-
-
-class BackendError(EmulatorError):
+class BackendFailure(EmulatorError):
     """The vhost-user back-end refused a request, answered wrongly or disconnected."""
+
+
+#: Everything the emulator raises on purpose, for the places that must survive any of it.
+ANY_ERROR = (EmulatorError, WireError)

@@ -16,7 +16,6 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from emulator.errors import RemoteProtocolError
 from emulator.mman import (
     MAP_SHARED,
     MAX_FILE_OFFSET,
@@ -25,6 +24,7 @@ from emulator.mman import (
     map_memory,
     unmap_memory,
 )
+from wire.errors import RemoteProtocolError
 
 logger = logging.getLogger(__name__)
 

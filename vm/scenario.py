@@ -216,7 +216,7 @@ class ShmemBackend:
     def start(self, sc: Scenario, socket_path: Path) -> LoggedProcess:
         control = socket_path.with_suffix(".ctl")
         argv = [
-            sys.executable, "-m", "emulator.backends.shmem_reference",
+            sys.executable, "-m", "vhost_user_backend.devices.shmem_reference",
             "--socket-path", str(socket_path),
             "--control-socket", str(control),
             "--shmem-feature-bit", str(self.feature_bit),

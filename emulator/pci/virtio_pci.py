@@ -26,7 +26,7 @@ from emulator.errors import ConfigError
 from emulator.pci.config import PciCapId, PciCommand, PciConfigSpace, PciReg
 from emulator.pci.device import IrqIndex, RegionAccess, RegionIndex, RegionInfo
 from emulator.pci.interrupts import MsixVectors
-from emulator.virtio.backend import VirtioBackend
+from emulator.virtio.device import VirtioDevice
 from emulator.virtio.state import (
     NO_VECTOR,
     VirtioDeviceId,
@@ -204,7 +204,7 @@ def _merge(old: int, width: int, rel: int, data: bytes) -> int:
 
 
 class VirtioPciDevice:
-    """A virtio 1.x modern PCI function in front of a ``VirtioBackend``; a ``PciDevice``.
+    """A virtio 1.x modern PCI function in front of a ``VirtioDevice``; a ``PciDevice``.
 
     ``msix`` carries one vector per queue plus one for config changes; ``intx`` holds the
     INTx eventfd (vector 0) the server installs from SET_IRQS on the INTx index.
@@ -212,7 +212,7 @@ class VirtioPciDevice:
 
     def __init__(
         self,
-        backend: VirtioBackend,
+        backend: VirtioDevice,
         *,
         shmem_layout: ShmemLayoutInfo | None = None,
         shmem: ShmemAccess | None = None,

@@ -34,7 +34,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import NoReturn
 
-from emulator.errors import EmulatorError, RemoteProtocolError, StateError
+from emulator.errors import EmulatorError
 from emulator.mman import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -50,6 +50,7 @@ from emulator.mman import (
 )
 from emulator.shmem.layout import PAGE_SIZE, RegionLayout, ShmemLayout
 from emulator.shmem.table import MappingTable
+from wire.errors import RemoteProtocolError, StateError
 
 logger = logging.getLogger(__name__)
 

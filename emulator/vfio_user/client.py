@@ -16,8 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from emulator.errors import EmulatorError, LocalProtocolError, RemoteProtocolError, TransportError
-from emulator.transport.unix import MAX_FDS_PER_MESSAGE, close_fds, recv_with_fds, send_with_fds
+from emulator.errors import EmulatorError
 from emulator.vfio_user.codec import DecodeError, Decoder, Message, Role, encode, error_reply_for
 from emulator.vfio_user.messages import (
     CAP_MAX_BITMAP_SIZE,
@@ -59,6 +58,8 @@ from emulator.vfio_user.messages import (
     Version,
     parse_region_caps,
 )
+from wire.errors import LocalProtocolError, RemoteProtocolError, TransportError
+from wire.unix import MAX_FDS_PER_MESSAGE, close_fds, recv_with_fds, send_with_fds
 
 __all__ = [
     "QEMU_CAPABILITIES",

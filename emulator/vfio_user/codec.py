@@ -24,8 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from emulator.errors import LocalProtocolError, RemoteProtocolError, StateError
-from emulator.transport.unix import close_fds
 from emulator.vfio_user.messages import (
     DEFAULT_MAX_MSG_SIZE,
     HEADER,
@@ -51,6 +49,8 @@ from emulator.vfio_user.messages import (
     SetIrqs,
     Version,
 )
+from wire.errors import LocalProtocolError, RemoteProtocolError, StateError
+from wire.unix import close_fds
 
 __all__ = [
     "DecodeError",

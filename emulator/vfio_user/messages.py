@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from emulator.errors import RemoteProtocolError
 from emulator.pci.device import NUM_IRQS, NUM_REGIONS, IrqIndex, RegionIndex
+from wire.errors import RemoteProtocolError
 
 __all__ = [
     "CAPABILITIES",

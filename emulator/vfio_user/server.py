@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from emulator.errors import RemoteProtocolError, TransportError
 from emulator.loop import EventLoop
 from emulator.memory import GuestMemory
 from emulator.pci.device import (
@@ -31,9 +30,10 @@ from emulator.pci.device import (
 )
 from emulator.pci.interrupts import MsixVectors
 from emulator.trace import Tracer
-from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds, set_send_timeout
 from emulator.vfio_user import messages as m
 from emulator.vfio_user.codec import DecodeError, Decoder, Message, Role, encode, error_reply_for
+from wire.errors import RemoteProtocolError, TransportError
+from wire.unix import close_fds, recv_with_fds, send_with_fds, set_send_timeout
 
 logger = logging.getLogger(__name__)
 

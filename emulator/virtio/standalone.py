@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from emulator.virtio.backend import QueueConfig
+from emulator.virtio.device import QueueConfig
 
 logger = logging.getLogger(__name__)
 
 
-class StandaloneBackend:
-    """Implements ``VirtioBackend`` with no data plane; records what the driver did."""
+class StandaloneDevice:
+    """Implements ``VirtioDevice`` with no data plane; records what the driver did."""
 
     def __init__(
         self, virtio_id: int, num_queues: int, max_queue_size: int, config_size: int

@@ -1,7 +1,7 @@
 """Virtio device state independent of the transport: status machine, features, queues.
 
 The transport turns register accesses into calls here; this module decides what the driver
-may change when, and activates or deactivates the ``VirtioBackend``. Every input comes from an
+may change when, and activates or deactivates the ``VirtioDevice``. Every input comes from an
 untrusted driver, so invalid requests are refused the way the spec lets a device refuse them
 (not latching FEATURES_OK, reading back NO_VECTOR, keeping the old queue size) and logged.
 """
@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from emulator.virtio.backend import QueueConfig, VirtioBackend
+from emulator.virtio.device import QueueConfig, VirtioDevice
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class VirtioState:
 
     def __init__(
         self,
-        backend: VirtioBackend,
+        backend: VirtioDevice,
         *,
         device_features: int,
         num_vectors: int,

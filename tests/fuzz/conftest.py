@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from emulator.vhost import frontend
+from emulator.vhost_frontend import frontend
 from tests.fuzz import campaign
 
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large]

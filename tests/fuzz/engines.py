@@ -21,13 +21,12 @@ from typing import Any, TypeVar
 from hypothesis import strategies as st
 
 from emulator.app import Emulator
-from emulator.errors import EmulatorError
+from emulator.errors import ANY_ERROR
 from emulator.shmem import SharedMemoryBar
-from emulator.transport.unix import send_with_fds
 from emulator.vfio_user import messages as vm
 from emulator.vfio_user.codec import DecodeError
-from emulator.vhost.frontend import VhostUserFrontend
-from emulator.virtio.backend import QueueConfig
+from emulator.vhost_frontend.frontend import VhostUserFrontend
+from emulator.virtio.device import QueueConfig
 from tests.fuzz.invariants import (
     InvariantBroken,
     ModelMapping,
@@ -62,6 +61,7 @@ from tests.fuzz.rig import (
     mmap_request,
     read_channel_reply,
 )
+from wire.unix import send_with_fds
 
 T = TypeVar("T")
 U64 = (1 << 64) - 1
@@ -677,7 +677,7 @@ class FrontendEngine:
         try:
             try:
                 emulator = Emulator(config)
-            except EmulatorError:
+            except ANY_ERROR:
                 emulator = None
             if emulator is not None:
                 try:
@@ -723,7 +723,7 @@ class FrontendEngine:
                     frontend.activate(1 << 32, [queue])
                 else:
                     frontend.deactivate()
-            except EmulatorError:
+            except ANY_ERROR:
                 if frontend.connected:
                     raise InvariantBroken(
                         "front-end refused a reply but kept the connection"

@@ -26,16 +26,15 @@ from pathlib import Path
 
 from emulator.app import Emulator
 from emulator.config import EmulatorConfig
-from emulator.errors import EmulatorError
+from emulator.errors import ANY_ERROR
 from emulator.pci.device import RegionIndex
-from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds
 from emulator.vfio_user import messages as vm
 from emulator.vfio_user.codec import DecodeError, Message, Role, encode
 from emulator.vfio_user.codec import Decoder as VfioDecoder
-from emulator.vhost.codec import Channel, VhostUserMessage, reply_to
-from emulator.vhost.codec import Decoder as VhostDecoder
-from emulator.vhost.codec import encode as vhost_encode
-from emulator.vhost.messages import (
+from vhost_user.codec import Channel, VhostUserMessage, reply_to
+from vhost_user.codec import Decoder as VhostDecoder
+from vhost_user.codec import encode as vhost_encode
+from vhost_user.messages import (
     EMPTY,
     VHOST_USER_F_PROTOCOL_FEATURES,
     FrontendReq,
@@ -47,6 +46,7 @@ from emulator.vhost.messages import (
     VhostUserU64,
     VhostUserVringState,
 )
+from wire.unix import close_fds, recv_with_fds, send_with_fds
 
 PF = VhostUserProtocolFeature
 PAGE = 4096
@@ -283,7 +283,7 @@ class ScriptedBackend:
             self.connected.set()
             try:
                 self._serve_connection(conn)
-            except (OSError, EmulatorError):
+            except (OSError, *ANY_ERROR):
                 pass  # the front-end hung up or sent what the codec refuses: connection over
             except BaseException as exc:
                 self.errors.append(exc)
@@ -502,7 +502,7 @@ class RawVfioClient:
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         try:
             send_with_fds(self.sock, data, fds)
-        except EmulatorError as exc:
+        except ANY_ERROR as exc:
             raise PeerGone(str(exc)) from exc
         except OSError as exc:
             if exc.errno in (errno.EPIPE, errno.ECONNRESET):
@@ -522,7 +522,7 @@ class RawVfioClient:
                 return message
             try:
                 data, fds = recv_with_fds(self.sock, 1 << 21)
-            except EmulatorError as exc:
+            except ANY_ERROR as exc:
                 raise PeerGone(str(exc)) from exc
             if not data:
                 close_fds(fds)

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from emulator.app import Emulator
-from emulator.errors import BackendError
-from emulator.transport.unix import send_with_fds
+from emulator.errors import BackendFailure
 from emulator.vfio_user import messages as vm
 from tests.fuzz.invariants import check_alive
 from tests.fuzz.rig import (
@@ -29,6 +28,7 @@ from tests.fuzz.rig import (
     mmap_request,
     read_channel_reply,
 )
+from wire.unix import send_with_fds
 
 
 def _map(channel: object, shmid: int, offset: int, kind: str = "memfd-sealable") -> int:
@@ -145,7 +145,7 @@ def test_silent_backend_times_out_with_a_clear_error(workdir: Path) -> None:
     config = emulator_config(workdir, vhost_user_socket=sock, backend_timeout=0.3)
     with ScriptedBackend(sock, policy=lambda req, _i: "no-reply"):
         start = time.monotonic()
-        with pytest.raises(BackendError, match=r"did not answer GET_FEATURES within 0.3 s"):
+        with pytest.raises(BackendFailure, match=r"did not answer GET_FEATURES within 0.3 s"):
             Emulator(config)
         assert time.monotonic() - start < 3
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emulator.transport.unix import send_with_fds
 from tests.fuzz import campaign
 from tests.fuzz.engines import ChannelEngine, HypothesisDraw, RandomDraw
 from tests.fuzz.invariants import Stats, counting_refusals
@@ -28,6 +27,7 @@ from tests.fuzz.rig import (
     mmap_request,
     read_channel_reply,
 )
+from wire.unix import send_with_fds
 
 
 def test_channel_steps_keep_table_and_view_consistent(workdir: Path) -> None:

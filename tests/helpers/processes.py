@@ -194,7 +194,7 @@ class Processes:
         argv = [
             sys.executable,
             "-m",
-            "emulator.backends.shmem_reference",
+            "vhost_user_backend.devices.shmem_reference",
             "--socket-path",
             str(path),
             *args,

@@ -22,19 +22,7 @@ from typing import ClassVar
 import pytest
 from vguest.pattern import PatternKind, generate
 
-from emulator.backends.shmem_reference import ShmemRngDevice, make_pattern
-from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds
 from emulator.vfio_user.client import VfioUserClient
-from emulator.vhost.backend import ShmemRequestRefused, VhostUserBackend
-from emulator.vhost.codec import Channel, Decoder, VhostUserMessage, encode, reply_to
-from emulator.vhost.messages import (
-    BackendReq,
-    FrontendReq,
-    Payload,
-    VhostUserMMap,
-    VhostUserShMemConfig,
-    VhostUserU64,
-)
 from tests.helpers.processes import (
     BackendControl,
     ManagedProcess,
@@ -56,6 +44,19 @@ from tests.helpers.virtio_driver import (
     eventfd_signalled,
     wait_eventfd,
 )
+from vhost_user.codec import Channel, Decoder, VhostUserMessage, encode, reply_to
+from vhost_user.messages import (
+    BackendReq,
+    FrontendReq,
+    Payload,
+    VhostUserMMap,
+    VhostUserShMemConfig,
+    VhostUserU64,
+)
+from vhost_user_backend.daemon import VhostUserDaemon
+from vhost_user_backend.devices.shmem_reference import ShmemRngDevice, make_pattern
+from vhost_user_backend.errors import FrontendRefused
+from wire.unix import close_fds, recv_with_fds, send_with_fds
 
 __all__ = ["procs"]
 
@@ -253,7 +254,7 @@ def test_zero_length_and_unknown_flags_refused_through_the_library(
     """The control socket cannot send these; the back-end library in this process can."""
     path = tmp_path / "inproc.sock"
     device = ShmemRngDevice([(0, MiB)])
-    backend = VhostUserBackend(device, str(path))
+    backend = VhostUserDaemon(device, str(path))
     thread = backend.serve_in_thread()
     memfd = os.memfd_create("vhost-shmem-test", os.MFD_CLOEXEC)
     try:
@@ -261,11 +262,11 @@ def test_zero_length_and_unknown_flags_refused_through_the_library(
         emu = procs.emulator("--vhost-user-socket", str(path))
         assert backend.wait_connected(10)
         with guest(emu) as driver:
-            with pytest.raises(ShmemRequestRefused) as zero:
+            with pytest.raises(FrontendRefused) as zero:
                 backend.shmem_map(0, memfd, 0, 0, 0, writable=False)
             assert zero.value.code != 0
             for flags in (0x2, 0x1 | 0x80, 1 << 63):
-                with pytest.raises(ShmemRequestRefused) as unknown:
+                with pytest.raises(FrontendRefused) as unknown:
                     backend._backend_request(
                         BackendReq.SHMEM_MAP,
                         VhostUserMMap(0, 0, 0, 4096, flags),
@@ -273,9 +274,9 @@ def test_zero_length_and_unknown_flags_refused_through_the_library(
                         backend.shmem_mask,
                     )
                 assert unknown.value.code != 0
-            with pytest.raises(ShmemRequestRefused):
+            with pytest.raises(FrontendRefused):
                 backend.shmem_unmap(0, 0, 0)
-            with pytest.raises(ShmemRequestRefused):
+            with pytest.raises(FrontendRefused):
                 backend._backend_request(
                     BackendReq.SHMEM_UNMAP,
                     VhostUserMMap(0, 0, 0, 4096, 0x4),
@@ -625,7 +626,7 @@ def test_config_is_read_once_and_again_after_config_change(
 ) -> None:
     path = tmp_path / "config.sock"
     device = _ConfigDevice()
-    backend = VhostUserBackend(device, str(path))
+    backend = VhostUserDaemon(device, str(path))
     thread = backend.serve_in_thread()
     try:
         emu = procs.emulator("--vhost-user-socket", str(path), "--config-size", "16")

@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 from vguest.pattern import crc32c
 
-from emulator.backends.shmem_reference import make_pattern, parse_region
-from emulator.transport.unix import recv_with_fds, send_with_fds
-from emulator.vhost.codec import Channel, Decoder, VhostUserMessage, encode, reply_to, request
-from emulator.vhost.messages import (
+from vhost_user.codec import Channel, Decoder, VhostUserMessage, encode, reply_to, request
+from vhost_user.messages import (
     EMPTY,
     BackendReq,
     FrontendReq,
@@ -36,6 +34,8 @@ from emulator.vhost.messages import (
     VhostUserVringAddr,
     VhostUserVringState,
 )
+from vhost_user_backend.devices.shmem_reference import make_pattern, parse_region
+from wire.unix import recv_with_fds, send_with_fds
 
 PF = VhostUserProtocolFeature
 
@@ -153,7 +153,7 @@ def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
     cmd = [
         sys.executable,
         "-m",
-        "emulator.backends.shmem_reference",
+        "vhost_user_backend.devices.shmem_reference",
         "--socket-path",
         sock,
         "--control-socket",

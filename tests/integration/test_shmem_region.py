@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from emulator.errors import RemoteProtocolError, StateError
 from emulator.shmem import (
     MappingRefused,
     RefusalReason,
@@ -27,6 +26,7 @@ from emulator.shmem import (
     ShmemLayout,
 )
 from emulator.shmem.region import default_max_mappings
+from wire.errors import RemoteProtocolError, StateError
 
 PAGE = 4096
 MIB = 1 << 20

@@ -14,10 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from emulator.errors import BackendError, StateError, TransportError
-from emulator.transport.unix import recv_with_fds, send_with_fds
-from emulator.vhost.backend import ShmemRequestRefused, VhostUserBackend, VhostUserDevice
-from emulator.vhost.codec import (
+from vhost_user.codec import (
     Channel,
     Decoder,
     VhostUserMessage,
@@ -25,7 +22,7 @@ from emulator.vhost.codec import (
     reply_to,
     request,
 )
-from emulator.vhost.messages import (
+from vhost_user.messages import (
     EMPTY,
     BackendReq,
     FrontendReq,
@@ -40,7 +37,11 @@ from emulator.vhost.messages import (
     VhostUserVringAddr,
     VhostUserVringState,
 )
-from emulator.vhost.vring import Vring
+from vhost_user_backend.daemon import VhostUserDaemon, VhostUserDevice
+from vhost_user_backend.errors import ChannelFailed, FrontendRefused
+from vhost_user_backend.vring import Vring
+from wire.errors import StateError, TransportError
+from wire.unix import recv_with_fds, send_with_fds
 
 PF = VhostUserProtocolFeature
 GPA_BASE = 0x4000_0000
@@ -148,8 +149,8 @@ def sock_path(tmp_path: Path) -> str:
     return str(tmp_path / "vhost.sock")
 
 
-def start(device: VhostUserDevice, path: str, **kwargs: object) -> Iterator[VhostUserBackend]:
-    backend = VhostUserBackend(device, path, **kwargs)  # type: ignore[arg-type]
+def start(device: VhostUserDevice, path: str, **kwargs: object) -> Iterator[VhostUserDaemon]:
+    backend = VhostUserDaemon(device, path, **kwargs)  # type: ignore[arg-type]
     thread = backend.serve_in_thread()
     try:
         yield backend
@@ -165,12 +166,12 @@ def device() -> EchoDevice:
 
 
 @pytest.fixture
-def backend(device: EchoDevice, sock_path: str) -> Iterator[VhostUserBackend]:
+def backend(device: EchoDevice, sock_path: str) -> Iterator[VhostUserDaemon]:
     yield from start(device, sock_path, reply_timeout=1.0)
 
 
 @pytest.fixture
-def fe(backend: VhostUserBackend, sock_path: str) -> Iterator[Frontend]:
+def fe(backend: VhostUserDaemon, sock_path: str) -> Iterator[Frontend]:
     frontend = Frontend(sock_path)
     yield frontend
     frontend.close()
@@ -224,7 +225,7 @@ def test_get_shmem_config_without_the_feature_drops_the_connection(fe: Frontend)
 
 
 def test_wrong_size_and_extra_fds_are_answered_and_closed(
-    fe: Frontend, backend: VhostUserBackend
+    fe: Frontend, backend: VhostUserDaemon
 ) -> None:
     fe.negotiate(int(ALL))
     before = nfds()
@@ -324,7 +325,7 @@ def guest() -> Iterator[Guest]:
 
 
 def test_vring_round_trip_direct_and_indirect(
-    fe: Frontend, guest: Guest, backend: VhostUserBackend
+    fe: Frontend, guest: Guest, backend: VhostUserDaemon
 ) -> None:
     fe.negotiate(int(ALL))
     guest.setup(fe)
@@ -356,7 +357,7 @@ def test_vring_round_trip_direct_and_indirect(
     ["outside", "loop", "indirect_outside", "huge_avail"],
 )
 def test_hostile_rings_do_not_crash_the_backend(
-    fe: Frontend, guest: Guest, backend: VhostUserBackend, bad: str
+    fe: Frontend, guest: Guest, backend: VhostUserDaemon, bad: str
 ) -> None:
     fe.negotiate(int(ALL))
     guest.setup(fe)
@@ -401,7 +402,7 @@ def test_unmappable_memory_fd_is_refused(fe: Frontend) -> None:
 
 
 def test_disconnect_resets_state_and_accepts_the_next_front_end(
-    sock_path: str, device: EchoDevice, backend: VhostUserBackend, guest: Guest
+    sock_path: str, device: EchoDevice, backend: VhostUserDaemon, guest: Guest
 ) -> None:
     first = Frontend(sock_path)
     first.negotiate(int(ALL))
@@ -462,14 +463,14 @@ class ChannelPeer:
 
 
 def test_shmem_map_sends_a_real_fd_and_waits_for_the_status(
-    fe: Frontend, backend: VhostUserBackend
+    fe: Frontend, backend: VhostUserDaemon
 ) -> None:
     fe.negotiate(int(ALL))
     peer = ChannelPeer(fe, [0, 1, 0])
     memfd = os.memfd_create("shm")
     os.write(memfd, b"A" * 4096 + b"B" * 4096)
     backend.shmem_map(2, memfd, 4096, 0x1000, 4096, writable=True)
-    with pytest.raises(ShmemRequestRefused) as info:
+    with pytest.raises(FrontendRefused) as info:
         backend.shmem_map(0, memfd, 0, 0, 8192, writable=False)
     assert info.value.code == 1
     backend.shmem_unmap(2, 0x1000, 4096)
@@ -499,7 +500,7 @@ def test_shmem_map_timeout_and_state_errors(sock_path: str) -> None:
         fe = Frontend(sock_path)
         fe.negotiate(int(ALL))
         peer = ChannelPeer(fe, [0], delay=1.0)
-        with pytest.raises(BackendError):
+        with pytest.raises(ChannelFailed):
             backend.shmem_map(0, memfd, 0, 0, 4096, writable=False)
         peer.close()
         # After a timeout the back-end drops the channel: the late reply has nowhere to go.

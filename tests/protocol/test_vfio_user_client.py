@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from emulator.errors import RemoteProtocolError, TransportError
-from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds
 from emulator.vfio_user.client import (
     QEMU_CAPABILITIES,
     VfioUserClient,
@@ -46,6 +44,8 @@ from emulator.vfio_user.messages import (
     pack_region_caps,
     sparse_mmap_cap,
 )
+from wire.errors import RemoteProtocolError, TransportError
+from wire.unix import close_fds, recv_with_fds, send_with_fds
 
 QEMU_CAPS_TEXT = (
     b'{"capabilities": {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535, '

@@ -14,8 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emulator.errors import LocalProtocolError, RemoteProtocolError
-from emulator.transport.unix import recv_with_fds, send_with_fds
 from emulator.vfio_user.codec import DecodeError, Decoder, Message, Role, encode, error_reply_for
 from emulator.vfio_user.messages import (
     DEFAULT_MAX_MSG_SIZE,
@@ -50,6 +48,8 @@ from emulator.vfio_user.messages import (
     parse_sparse_mmap,
     sparse_mmap_cap,
 )
+from wire.errors import LocalProtocolError, RemoteProtocolError
+from wire.unix import recv_with_fds, send_with_fds
 
 QEMU_CAPS_JSON = (
     '{"capabilities": {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535, '

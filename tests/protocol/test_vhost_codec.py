@@ -11,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emulator.errors import LocalProtocolError, RemoteProtocolError
-from emulator.vhost.codec import (
+from vhost_user.codec import (
     Channel,
     Decoder,
     MessageRejected,
@@ -21,7 +20,7 @@ from emulator.vhost.codec import (
     reply_to,
     request,
 )
-from emulator.vhost.messages import (
+from vhost_user.messages import (
     EMPTY,
     BackendReq,
     FrontendReq,
@@ -36,6 +35,7 @@ from emulator.vhost.messages import (
     VhostUserVringAddr,
     VhostUserVringState,
 )
+from wire.errors import LocalProtocolError, RemoteProtocolError
 
 
 def hdr(req: int, flags: int, size: int) -> bytes:

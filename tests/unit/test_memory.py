@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from emulator.errors import RemoteProtocolError
 from emulator.memory import GuestMemory
+from wire.errors import RemoteProtocolError
 
 PAGE = 4096
 

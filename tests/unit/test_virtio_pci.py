@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emulator.errors import BackendError
+from emulator.errors import BackendFailure
 from emulator.pci.config import PciCapId, PciCommand, PciReg, PciStatus
 from emulator.pci.device import IrqIndex, PciDevice, RegionAccess, RegionIndex
 from emulator.pci.virtio_pci import (
@@ -27,7 +27,7 @@ from emulator.pci.virtio_pci import (
     msix_bar_layout,
 )
 from emulator.shmem.layout import ShmemLayout
-from emulator.virtio.backend import QueueConfig
+from emulator.virtio.device import QueueConfig
 from emulator.virtio.state import NO_VECTOR, DeviceStatus, VirtioDeviceId, VirtioFeature
 
 MiB = 1 << 20
@@ -64,7 +64,7 @@ class FakeBackend:
 
     def activate(self, driver_features: int, queues: Sequence[QueueConfig]) -> None:
         if self.fail_activate:
-            raise BackendError("back-end disconnected")
+            raise BackendFailure("back-end disconnected")
         self.activations.append((driver_features, tuple(queues)))
 
     def deactivate(self) -> None:

@@ -1,6 +1,6 @@
 """The vhost-user back-end library, for prototyping devices.
 
-A ``VhostUserBackend`` listens on a UNIX socket, serves one front-end at a time (resetting all
+A ``VhostUserDaemon`` listens on a UNIX socket, serves one front-end at a time (resetting all
 state when it leaves), negotiates features, maps the front-end's memory, runs split virtqueues
 and hands each kicked queue to the device's ``handle_queue``. Every request goes through the
 same fixed steps: decode header, fds and body (the codec checks fds and size against the
@@ -26,16 +26,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from emulator.errors import (
-    BackendError,
-    EmulatorError,
-    ProtocolError,
-    RemoteProtocolError,
-    StateError,
-    TransportError,
-)
-from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds
-from emulator.vhost.codec import (
+from vhost_user.codec import (
     Channel,
     Decoder,
     MessageRejected,
@@ -46,7 +37,7 @@ from emulator.vhost.codec import (
     request,
     spec_for,
 )
-from emulator.vhost.messages import (
+from vhost_user.messages import (
     EMPTY,
     FRONTEND_REQUIRED_FEATURE,
     SHMEM_FEATURE_BIT_UPSTREAM,
@@ -70,7 +61,11 @@ from emulator.vhost.messages import (
     shmem_feature,
     vring_index_and_fd,
 )
-from emulator.vhost.vring import MAX_MEM_SLOTS, GuestMemory, GuestMemoryError, MappedRegion, Vring
+from vhost_user_backend.errors import ChannelFailed, DaemonError, FrontendRefused
+from vhost_user_backend.memory import MAX_MEM_SLOTS, MappedRegion, MemoryTable, MemoryTableError
+from vhost_user_backend.vring import Vring
+from wire.errors import ProtocolError, RemoteProtocolError, StateError, TransportError, WireError
+from wire.unix import close_fds, recv_with_fds, send_with_fds
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +73,6 @@ VIRTIO_F_VERSION_1 = 1 << 32
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 P = TypeVar("P", bound=Payload)
-
-
-class ShmemRequestRefused(BackendError):
-    """The front-end answered a back-end request (SHMEM_MAP/UNMAP, CONFIG_CHANGE_MSG) with a
-    non-zero status ``code``."""
-
-    def __init__(self, req: BackendReq, code: int) -> None:
-        super().__init__(f"front-end refused {req.name}: status {code}")
-        self.request = req
-        self.code = code
 
 
 class VhostUserDevice:
@@ -111,7 +96,7 @@ class VhostUserDevice:
     def handle_queue(self, index: int, vring: Vring) -> None:
         """Process available buffers of queue ``index`` (called on a kick while started)."""
 
-    def on_connect(self, backend: VhostUserBackend) -> None:
+    def on_connect(self, backend: VhostUserDaemon) -> None:
         """A front-end connected."""
 
     def on_disconnect(self) -> None:
@@ -127,7 +112,7 @@ def _payload(msg: VhostUserMessage, kind: type[P]) -> P:
     return msg.payload
 
 
-class VhostUserBackend:
+class VhostUserDaemon:
     """Serves one vhost-user front-end at a time on ``socket_path`` for ``device``."""
 
     def __init__(
@@ -150,7 +135,7 @@ class VhostUserBackend:
             offered |= pf.CONFIGURE_MEM_SLOTS
         self.offered_protocol_features = int(offered) | self.shmem_mask
         self.offered_features = device.features | 1 << VHOST_USER_F_PROTOCOL_FEATURES
-        self.memory = GuestMemory()
+        self.memory = MemoryTable()
         self.vrings = [Vring(i, self.memory) for i in range(device.num_queues)]
         self.acked_features = 0
         self.acked_protocol_features = 0
@@ -351,7 +336,7 @@ class VhostUserBackend:
     def _dispatch(self, msg: VhostUserMessage) -> None:
         req = msg.request
         assert isinstance(req, FrontendReq)
-        error: EmulatorError | None = None
+        error: WireError | DaemonError | None = None
         result: Payload | None = None
         try:
             required = FRONTEND_REQUIRED_FEATURE.get(req)
@@ -367,7 +352,7 @@ class VhostUserBackend:
             if handler is None:
                 raise RemoteProtocolError(f"{req.name} is not supported", errno.ENOSYS)
             result = handler(msg)
-        except (RemoteProtocolError, StateError, BackendError) as exc:
+        except (RemoteProtocolError, StateError, DaemonError) as exc:
             self._conn_log.warning("%s failed: %s", req.name, exc)
             error = exc
         except OSError as exc:
@@ -376,7 +361,7 @@ class VhostUserBackend:
         self._finish(msg, result, error)
 
     def _finish(
-        self, msg: VhostUserMessage, result: Payload | None, error: EmulatorError | None
+        self, msg: VhostUserMessage, result: Payload | None, error: WireError | DaemonError | None
     ) -> None:
         """Send the explicit reply, or the REPLY_ACK status if one was asked for."""
         req = msg.request
@@ -434,10 +419,10 @@ class VhostUserBackend:
 
     def _set_mem_table(self, msg: VhostUserMessage) -> None:
         table = _payload(msg, VhostUserMemory)
-        staged = GuestMemory()
+        staged = MemoryTable()
         try:
             for region, fd in zip(table.regions, msg.fds, strict=True):
-                staged.add(GuestMemory.map_region(region, fd))
+                staged.add(MemoryTable.map_region(region, fd))
         except BaseException:
             staged.close()
             raise
@@ -451,7 +436,7 @@ class VhostUserBackend:
 
     def _add_mem_reg(self, msg: VhostUserMessage) -> None:
         region = _payload(msg, VhostUserSingleMemoryRegion).region
-        mapped: MappedRegion = GuestMemory.map_region(region, msg.fds[0])
+        mapped: MappedRegion = MemoryTable.map_region(region, msg.fds[0])
         self.memory.add(mapped)
 
     def _rem_mem_reg(self, msg: VhostUserMessage) -> None:
@@ -492,7 +477,7 @@ class VhostUserBackend:
             return
         try:
             vring.start()
-        except GuestMemoryError as exc:
+        except MemoryTableError as exc:
             self._conn_log.warning("vring %d not started yet: %s", vring.index, exc)
             return
         self._process(vring)
@@ -579,7 +564,7 @@ class VhostUserBackend:
         if not vring.started:
             try:
                 vring.start()
-            except GuestMemoryError as exc:
+            except MemoryTableError as exc:
                 self._conn_log.warning("vring %d kicked but unusable: %s", vring.index, exc)
                 return
         self._process(vring)
@@ -590,7 +575,7 @@ class VhostUserBackend:
             return
         try:
             self.device.handle_queue(vring.index, vring)
-        except GuestMemoryError as exc:
+        except MemoryTableError as exc:
             self._conn_log.warning("vring %d broken: %s", vring.index, exc)
             self._ring_failed(vring)
         except Exception:
@@ -625,8 +610,8 @@ class VhostUserBackend:
     ) -> None:
         """Ask the front-end to map ``fd`` into shared memory region ``shmid``.
 
-        ``fd`` stays the caller's. Raises ``ShmemRequestRefused`` on a non-zero status,
-        ``BackendError`` on timeout or a broken channel, ``StateError`` before negotiation.
+        ``fd`` stays the caller's. Raises ``FrontendRefused`` on a non-zero status,
+        ``ChannelFailed`` on timeout or a broken channel, ``StateError`` before negotiation.
         """
         flags = int(VhostUserMMapFlag.RW) if writable else 0
         mmap_req = VhostUserMMap(shmid, fd_offset, shm_offset, length, flags)
@@ -673,9 +658,9 @@ class VhostUserBackend:
             except (TransportError, OSError, RemoteProtocolError) as exc:
                 self._channel = None
                 sock.close()
-                raise BackendError(f"{req.name}: back-end channel failed: {exc}") from exc
+                raise ChannelFailed(f"{req.name}: back-end channel failed: {exc}") from exc
         if reply:
-            raise ShmemRequestRefused(req, reply)
+            raise FrontendRefused(req, reply)
 
     def _read_channel_reply(self, sock: socket.socket, req: BackendReq) -> int:
         decoder = Decoder(Channel.BACKEND, expect_replies=True)

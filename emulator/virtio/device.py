@@ -1,7 +1,7 @@
 """The seam to where a device's virtqueues and device config really live.
 
 The transport owns registers and the status machine; when the driver sets DRIVER_OK it hands
-the negotiated features and the enabled queues to a ``VirtioBackend`` (the vhost-user
+the negotiated features and the enabled queues to a ``VirtioDevice`` (the vhost-user
 front-end in production, a fake in unit tests) and forwards device-config accesses and queue
 notifications to it.
 """
@@ -25,7 +25,7 @@ class QueueConfig:
     device: int
 
 
-class VirtioBackend(Protocol):
+class VirtioDevice(Protocol):
     """What the transport needs from the device implementation.
 
     Read-only properties so that plain attributes and properties both satisfy it.

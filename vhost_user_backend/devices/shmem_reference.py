@@ -41,16 +41,16 @@ from typing import Any
 
 from vguest.pattern import PatternKind, crc32c, generate
 
-from emulator.errors import BackendError, ConfigError, EmulatorError, StateError
-from emulator.vhost.backend import (
+from vhost_user.messages import SHMEM_FEATURE_BIT_DRAFT, SHMEM_FEATURE_BIT_UPSTREAM
+from vhost_user_backend.daemon import (
     PAGE_SIZE,
     VIRTIO_F_VERSION_1,
-    ShmemRequestRefused,
-    VhostUserBackend,
+    VhostUserDaemon,
     VhostUserDevice,
 )
-from emulator.vhost.messages import SHMEM_FEATURE_BIT_DRAFT, SHMEM_FEATURE_BIT_UPSTREAM
-from emulator.vhost.vring import Vring
+from vhost_user_backend.errors import DaemonError, DeviceConfigError, FrontendRefused
+from vhost_user_backend.vring import Vring
+from wire.errors import StateError, WireError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def parse_size(text: str) -> int:
     """``4096``, ``0x1000``, ``64K``, ``4M``, ``4MiB``, ``1G``."""
     match = _SIZE_RE.match(text.strip())
     if not match:
-        raise ConfigError(f"bad size {text!r}")
+        raise DeviceConfigError(f"bad size {text!r}")
     value = int(match.group(1), 0)
     unit = match.group(2)
     return value * _UNITS[unit[0]] if unit else value
@@ -86,16 +86,16 @@ def parse_region(text: str) -> tuple[int, int]:
     """``SHMID:SIZE`` with a page-multiple size and a shmid below 256."""
     shmid_text, sep, size_text = text.partition(":")
     if not sep:
-        raise ConfigError(f"shared memory region {text!r} is not SHMID:SIZE")
+        raise DeviceConfigError(f"shared memory region {text!r} is not SHMID:SIZE")
     try:
         shmid = int(shmid_text, 0)
     except ValueError as exc:
-        raise ConfigError(f"bad shmid in {text!r}") from exc
+        raise DeviceConfigError(f"bad shmid in {text!r}") from exc
     size = parse_size(size_text)
     if not 0 <= shmid < 256:
-        raise ConfigError(f"shmid {shmid} out of range 0..255")
+        raise DeviceConfigError(f"shmid {shmid} out of range 0..255")
     if size <= 0 or size % PAGE_SIZE:
-        raise ConfigError(f"region size {size:#x} is not a positive multiple of {PAGE_SIZE}")
+        raise DeviceConfigError(f"region size {size:#x} is not a positive multiple of {PAGE_SIZE}")
     return shmid, size
 
 
@@ -131,17 +131,17 @@ class ShmemRngDevice(VhostUserDevice):
         sizes: dict[int, int] = {}
         for shmid, size in regions:
             if shmid in sizes:
-                raise ConfigError(f"shmid {shmid} declared twice")
+                raise DeviceConfigError(f"shmid {shmid} declared twice")
             sizes[shmid] = size
         self.sizes = [sizes.get(i, 0) for i in range(max(sizes) + 1)] if sizes else []
         self.mappings: dict[tuple[int, int], Mapping] = {}
         self.lock = threading.Lock()
-        self.backend: VhostUserBackend | None = None
+        self.backend: VhostUserDaemon | None = None
 
     def shmem_sizes(self) -> Sequence[int]:
         return self.sizes
 
-    def on_connect(self, backend: VhostUserBackend) -> None:
+    def on_connect(self, backend: VhostUserDaemon) -> None:
         self.backend = backend
 
     def reset(self) -> None:
@@ -168,7 +168,7 @@ class ShmemRngDevice(VhostUserDevice):
             vring.notify()
 
     # -- control operations (called from the control thread) ----------------------------------
-    def _require_backend(self) -> VhostUserBackend:
+    def _require_backend(self) -> VhostUserDaemon:
         if self.backend is None or not self.backend.connected:
             raise StateError("no front-end", state="disconnected", required="connected")
         return self.backend
@@ -295,11 +295,11 @@ def handle_command(device: ShmemRngDevice, req: dict[str, Any]) -> dict[str, Any
             device.write(shmid, shm_offset, offset, data)
             return {"ok": True, "written": len(data)}
         return {"ok": False, "error": f"unknown command {cmd!r}", "code": errno.ENOSYS}
-    except ShmemRequestRefused as exc:
+    except FrontendRefused as exc:
         return {"ok": False, "error": str(exc), "code": exc.code}
     except StateError as exc:
         return {"ok": False, "error": str(exc), "code": errno.ENOTCONN}
-    except (BackendError, EmulatorError) as exc:
+    except (DaemonError, WireError) as exc:
         return {"ok": False, "error": str(exc), "code": errno.EIO}
     except KeyError as exc:
         return {"ok": False, "error": str(exc.args[0]), "code": errno.ENOENT}
@@ -381,10 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         regions = [parse_region(r) for r in args.shmem_region or []] or [DEFAULT_REGION]
         device = ShmemRngDevice(regions, virtio_id=args.virtio_id, rng_source=args.rng_source)
-    except ConfigError as exc:
+    except DeviceConfigError as exc:
         print(f"vhost-device-shmem: {exc}", file=sys.stderr)
         return 2
-    backend = VhostUserBackend(device, args.socket_path, shmem_feature_bit=args.shmem_feature_bit)
+    backend = VhostUserDaemon(device, args.socket_path, shmem_feature_bit=args.shmem_feature_bit)
     control: ControlServer | None = None
     if args.control_socket:
         control = ControlServer(args.control_socket, device)

@@ -1,6 +1,6 @@
 """Our vhost-user front-end: the device's queues and config live in an external back-end.
 
-To the virtio transport this is a ``VirtioBackend``. It connects to the back-end's socket,
+To the virtio transport this is a ``VirtioDevice``. It connects to the back-end's socket,
 negotiates features once per connection, and asks GET_SHMEM_CONFIG for the shared-memory
 regions. The guest's DRIVER_OK activates the back-end in crosvm's order: SET_FEATURES,
 SET_MEM_TABLE, then per queue NUM, ADDR, BASE, CALL, KICK, ENABLE. Call fds are the MSI-X
@@ -28,20 +28,14 @@ from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
 from emulator.config import EmulatorConfig
-from emulator.errors import (
-    BackendError,
-    ConfigError,
-    EmulatorError,
-    RemoteProtocolError,
-    TransportError,
-)
+from emulator.errors import BackendFailure, ConfigError, EmulatorError
 from emulator.loop import EventLoop
 from emulator.memory import GuestMemory
 from emulator.pci.interrupts import MsixVectors
 from emulator.shmem import MappingRefused, SharedMemoryBar, ShmemLayout
 from emulator.trace import Tracer
-from emulator.transport.unix import close_fds, recv_with_fds, send_with_fds, set_send_timeout
-from emulator.vhost.codec import (
+from emulator.virtio.device import QueueConfig
+from vhost_user.codec import (
     Channel,
     Decoder,
     MessageRejected,
@@ -51,7 +45,7 @@ from emulator.vhost.codec import (
     reply_to,
     request,
 )
-from emulator.vhost.messages import (
+from vhost_user.messages import (
     EMPTY,
     VHOST_MEMORY_BASELINE_NREGIONS,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -72,7 +66,8 @@ from emulator.vhost.messages import (
     VhostUserVringState,
     shmem_feature,
 )
-from emulator.virtio.backend import QueueConfig
+from wire.errors import RemoteProtocolError, TransportError, WireError
+from wire.unix import close_fds, recv_with_fds, send_with_fds, set_send_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +106,7 @@ class TransportDevice(Protocol):
 
 
 class VhostUserFrontend:
-    """Implements ``VirtioBackend`` by forwarding to a vhost-user back-end."""
+    """Implements ``VirtioDevice`` by forwarding to a vhost-user back-end."""
 
     def __init__(
         self, config: EmulatorConfig, loop: EventLoop, memory: GuestMemory, tracer: Tracer
@@ -148,7 +143,7 @@ class VhostUserFrontend:
         self._config: bytes | None = None
         memory.on_change(self._memory_changed)
 
-    # -- VirtioBackend -----------------------------------------------------------------------
+    # -- VirtioDevice -----------------------------------------------------------------------
 
     @property
     def device_features(self) -> int:
@@ -168,7 +163,7 @@ class VhostUserFrontend:
             query = VhostUserConfig(0, whole, 0, bytes(whole))
             reply = self._call(FrontendReq.GET_CONFIG, query, reply=VhostUserConfig)
             if reply.size != whole or len(reply.payload) != whole:
-                raise BackendError(f"GET_CONFIG answered {reply.size} bytes for {whole}")
+                raise BackendFailure(f"GET_CONFIG answered {reply.size} bytes for {whole}")
             self._config = reply.payload
         return self._config[offset : offset + size]
 
@@ -181,7 +176,7 @@ class VhostUserFrontend:
     def activate(self, driver_features: int, queues: Sequence[QueueConfig]) -> None:
         """DRIVER_OK: hand guest memory and the enabled rings to the back-end."""
         if self._sock is None:
-            raise BackendError(f"no vhost-user back-end connected at {self.path}")
+            raise BackendFailure(f"no vhost-user back-end connected at {self.path}")
         features = driver_features
         if self.backend_features & PROTOCOL_FEATURES_BIT:
             features |= PROTOCOL_FEATURES_BIT
@@ -204,7 +199,7 @@ class VhostUserFrontend:
                         VhostUserVringState(queue.index, 0),
                         reply=VhostUserVringState,
                     )
-            except EmulatorError as exc:
+            except (EmulatorError, WireError) as exc:
                 logger.warning("back-end did not stop its rings cleanly: %s", exc)
         self._close_queue_fds()
 
@@ -214,7 +209,7 @@ class VhostUserFrontend:
         if self._sock is not None and self._has(PF.RESET_DEVICE):
             try:
                 self._call(FrontendReq.RESET_DEVICE)
-            except EmulatorError as exc:
+            except (EmulatorError, WireError) as exc:
                 logger.warning("back-end did not reset cleanly: %s", exc)
         self.drop_mappings()
 
@@ -365,7 +360,7 @@ class VhostUserFrontend:
             return
         try:
             self._connect()
-        except (OSError, EmulatorError) as exc:
+        except (OSError, EmulatorError, WireError) as exc:
             logger.debug("reconnect to %s failed: %s", self.path, exc)
             self._schedule_reconnect()
 
@@ -399,7 +394,7 @@ class VhostUserFrontend:
         """Send ``req``; wait for its reply (typed) or, with REPLY_ACK, for its status."""
         sock = self._sock
         if sock is None:
-            raise BackendError(f"{req.name}: no back-end connected")
+            raise BackendFailure(f"{req.name}: no back-end connected")
         need_ack = reply is None and self._has(PF.REPLY_ACK)
         message = request(req, payload, fds=fds, need_reply=need_ack)
         data, send_fds = encode(message)
@@ -408,20 +403,20 @@ class VhostUserFrontend:
             send_with_fds(sock, data, send_fds)
         except (TransportError, OSError) as exc:
             self._disconnect(f"{req.name}: {exc}")
-            raise BackendError(f"{req.name}: back-end connection lost") from exc
+            raise BackendFailure(f"{req.name}: back-end connection lost") from exc
         if reply is None and not need_ack:
             return EMPTY  # type: ignore[return-value]
         answer = self._wait_reply(req)
         try:
             if reply is not None:
                 if not isinstance(answer.payload, reply):
-                    raise BackendError(f"{req.name} reply is not a {reply.__name__}")
+                    raise BackendFailure(f"{req.name} reply is not a {reply.__name__}")
                 return answer.payload
             status = answer.payload
             if not isinstance(status, VhostUserU64):
-                raise BackendError(f"{req.name} ack is not a u64")
+                raise BackendFailure(f"{req.name} ack is not a u64")
             if status.value:
-                raise BackendError(f"back-end refused {req.name} (status {status.value})")
+                raise BackendFailure(f"back-end refused {req.name} (status {status.value})")
             return EMPTY  # type: ignore[return-value]
         finally:
             answer.close()
@@ -432,23 +427,23 @@ class VhostUserFrontend:
         while True:
             sock, decoder = self._sock, self._decoder
             if sock is None or decoder is None:
-                raise BackendError(f"{req.name}: back-end disconnected while we waited")
+                raise BackendFailure(f"{req.name}: back-end disconnected while we waited")
             try:
                 message = decoder.next_message()
             except RemoteProtocolError as exc:
                 self._disconnect(f"bad reply to {req.name}: {exc}")
-                raise BackendError(f"bad reply to {req.name}: {exc}") from exc
+                raise BackendFailure(f"bad reply to {req.name}: {exc}") from exc
             if message is not None:
                 self._trace_in("frontend", message)
                 if message.request != req:
                     message.close()
                     self._disconnect(f"reply to {message.request.name} when {req.name} was due")
-                    raise BackendError(f"back-end answered {req.name} out of order")
+                    raise BackendFailure(f"back-end answered {req.name} out of order")
                 return message
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._disconnect(f"no reply to {req.name} within {self.timeout} s")
-                raise BackendError(f"back-end did not answer {req.name} within {self.timeout} s")
+                raise BackendFailure(f"back-end did not answer {req.name} within {self.timeout} s")
             watched = [sock] + ([self._channel] if self._channel is not None else [])
             readable, _, _ = select.select(watched, [], [], remaining)
             if self._channel is not None and self._channel in readable:
@@ -463,11 +458,11 @@ class VhostUserFrontend:
             return
         except (TransportError, RemoteProtocolError, OSError) as exc:
             self._disconnect(f"waiting for {req.name}: {exc}")
-            raise BackendError(f"back-end connection lost waiting for {req.name}") from exc
+            raise BackendFailure(f"back-end connection lost waiting for {req.name}") from exc
         if not data:
             close_fds(fds)
             self._disconnect(f"end of stream while waiting for {req.name}")
-            raise BackendError(f"back-end closed the connection instead of answering {req.name}")
+            raise BackendFailure(f"back-end closed the connection instead of answering {req.name}")
         decoder.feed(data, fds)
 
     # -- activation ------------------------------------------------------------------------
@@ -485,7 +480,7 @@ class VhostUserFrontend:
             )
             fds.append(region.fd)
         if len(regions) > VHOST_MEMORY_BASELINE_NREGIONS:
-            raise BackendError(
+            raise BackendFailure(
                 f"guest memory has {len(regions)} fd-backed regions; vhost-user takes at most "
                 f"{VHOST_MEMORY_BASELINE_NREGIONS}"
             )
@@ -518,7 +513,7 @@ class VhostUserFrontend:
     def _frontend_address(self, what: str, gpa: int, size: int) -> int:
         """The address the back-end is told for guest-physical ``gpa`` (see the base above)."""
         if not self._in_backed_memory(gpa, size):
-            raise BackendError(f"the {what} at {gpa:#x} is not in fd-backed guest memory")
+            raise BackendFailure(f"the {what} at {gpa:#x} is not in fd-backed guest memory")
         return FRONTEND_ADDRESS_BASE + gpa
 
     def _send_call_fd(self, queue: QueueConfig) -> None:
@@ -554,7 +549,7 @@ class VhostUserFrontend:
             if wanted != self._call_fds.get(queue.index):
                 try:
                     self._send_call_fd(queue)
-                except EmulatorError as exc:
+                except (EmulatorError, WireError) as exc:
                     logger.warning("could not update the call fd of queue %d: %s", queue.index, exc)
 
     def _memory_changed(self) -> None:
@@ -567,7 +562,7 @@ class VhostUserFrontend:
             return
         try:
             self._send_mem_table()
-        except EmulatorError as exc:
+        except (EmulatorError, WireError) as exc:
             logger.warning("could not re-send the memory table: %s", exc)
             if self._device is not None:
                 self._device.set_needs_reset()

@@ -21,9 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
 
-from emulator.errors import LocalProtocolError, RemoteProtocolError
-from emulator.transport.unix import close_fds
-from emulator.vhost.messages import (
+from vhost_user.messages import (
     BACKEND_SPECS,
     EMPTY,
     FRONTEND_SPECS,
@@ -38,6 +36,8 @@ from emulator.vhost.messages import (
     VhostUserU64,
     allowed_fd_count,
 )
+from wire.errors import LocalProtocolError, RemoteProtocolError
+from wire.unix import close_fds
 
 MAX_PAYLOAD_SIZE = 4096
 

@@ -13,7 +13,7 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from emulator.errors import RemoteProtocolError, TransportError
+from wire.errors import RemoteProtocolError, TransportError
 
 MAX_FDS_PER_MESSAGE = 16
 _FD_SIZE = array.array("i").itemsize

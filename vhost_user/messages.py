@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import ClassVar, Self
 
-from emulator.errors import LocalProtocolError, RemoteProtocolError
+from wire.errors import LocalProtocolError, RemoteProtocolError
 
 VHOST_USER_VERSION = 0x1
 VHOST_USER_VERSION_MASK = 0x3
