@@ -2,7 +2,8 @@
 
 QEMU backs guest RAM with a shared memfd and passes an fd with each DMA_MAP. We map each
 region into our own address space once: the host address is what the vhost-user back-end
-gets as ``userspace_addr`` in SET_MEM_TABLE, and the fd (ours, owned here) is what it mmaps.
+gets as ``userspace_addr`` in SET_MEM_TABLE, and the fd (a dup of the message's, owned here) is
+what it mmaps.
 Regions the client sends without an fd are recorded but cannot be handed to a back-end.
 """
 
@@ -50,7 +51,7 @@ class DmaRegion:
 
 
 class GuestMemory:
-    """The client's DMA regions, ordered by guest physical address. Owns their fds."""
+    """The client's DMA regions, ordered by guest physical address. Owns their (dup-ed) fds."""
 
     def __init__(self, max_regions: int = 65535) -> None:
         self.max_regions = max_regions
@@ -77,17 +78,17 @@ class GuestMemory:
         readable: bool = True,
         writable: bool = True,
     ) -> DmaRegion:
-        """Add a region, taking ownership of ``fd`` (closed here on refusal too)."""
-        try:
-            self._check_new(gpa, size)
-            host_addr = None
-            if fd is not None:
-                host_addr = _mmap_fd(fd, size, fd_offset, writable)
-        except BaseException:
-            if fd is not None:
-                os.close(fd)
-            raise
-        region = DmaRegion(gpa, size, readable, writable, fd, fd_offset, host_addr)
+        """Add a region. ``fd`` is lent: the region keeps a ``dup`` of it for SET_MEM_TABLE."""
+        self._check_new(gpa, size)
+        host_addr = kept_fd = None
+        if fd is not None:
+            host_addr = _mmap_fd(fd, size, fd_offset, writable)
+            try:
+                kept_fd = os.dup(fd)
+            except OSError as exc:
+                unmap_memory(host_addr, size)
+                raise RemoteProtocolError(f"cannot keep the DMA fd: {exc}", errno.EMFILE) from exc
+        region = DmaRegion(gpa, size, readable, writable, kept_fd, fd_offset, host_addr)
         index = bisect.bisect_left(self._starts, gpa)
         self._starts.insert(index, gpa)
         self._regions.insert(index, region)

@@ -8,8 +8,9 @@ fds over together with earlier bytes, so callers read at most ``bytes_needed()``
 each read then starts at the header of the message the fds were sent with.
 
 Errors: a broken header (wrong version, oversized body) is fatal, the stream cannot be
-resynchronised; anything wrong inside a complete message raises ``MessageRejected`` (non-fatal,
-carrying the header so the caller can still reply) after closing that message's fds.
+resynchronised; anything wrong inside a complete message raises a non-fatal ``DecodeError``
+(carrying the request number and whether a reply is due, so the caller can still answer) after
+closing that message's fds.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import enum
 import errno
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from vhost_user.messages import (
@@ -36,7 +37,7 @@ from vhost_user.messages import (
     VhostUserU64,
     allowed_fd_count,
 )
-from wire.errors import LocalProtocolError, RemoteProtocolError
+from wire.errors import DecodeError, LocalProtocolError, RemoteProtocolError
 from wire.unix import close_fds
 
 MAX_PAYLOAD_SIZE = 4096
@@ -70,29 +71,22 @@ class VhostUserHeader:
     @classmethod
     def unpack(cls, data: bytes) -> Self:
         if len(data) != cls.STRUCT.size:
-            raise RemoteProtocolError(f"header of {len(data)} bytes", fatal=True)
+            raise DecodeError(f"header of {len(data)} bytes", fatal=True)
         return cls(*cls.STRUCT.unpack(data))
 
 
 HEADER_SIZE = VhostUserHeader.STRUCT.size
 
 
-class MessageRejected(RemoteProtocolError):
-    """A complete message was invalid; its fds are closed and the stream is still in sync."""
-
-    def __init__(self, message: str, header: VhostUserHeader, errno: int = errno.EINVAL) -> None:
-        super().__init__(message, errno)
-        self.header = header
-
-
 @dataclass(slots=True, eq=False)
 class VhostUserMessage:
-    """One decoded or to-be-encoded message. It owns ``fds`` until they are taken or closed."""
+    """One decoded or to-be-encoded message. It owns ``fds`` and closes them when its ``with``
+    block ends; whoever keeps one beyond that ``dup``-s it."""
 
     request: Request
     flags: int
     payload: Payload = EMPTY
-    fds: list[int] = field(default_factory=list)
+    fds: tuple[int, ...] = ()
 
     @property
     def is_reply(self) -> bool:
@@ -102,14 +96,9 @@ class VhostUserMessage:
     def need_reply(self) -> bool:
         return bool(self.flags & VhostUserHeaderFlag.NEED_REPLY)
 
-    def take_fds(self) -> list[int]:
-        """Hand the fds over to the caller, who then owns (and closes) them."""
-        fds, self.fds = self.fds, []
-        return fds
-
     def close(self) -> None:
-        close_fds(self.fds)
-        self.fds = []
+        fds, self.fds = self.fds, ()
+        close_fds(fds)
 
     def __enter__(self) -> Self:
         return self
@@ -123,7 +112,7 @@ def request(
 ) -> VhostUserMessage:
     """Build a request message (version 1, NEED_REPLY if asked)."""
     flags = VHOST_USER_VERSION | (VhostUserHeaderFlag.NEED_REPLY if need_reply else 0)
-    return VhostUserMessage(req, flags, payload, list(fds))
+    return VhostUserMessage(req, flags, payload, tuple(fds))
 
 
 def reply_to(
@@ -131,7 +120,7 @@ def reply_to(
 ) -> VhostUserMessage:
     """Build the reply to ``req`` (version 1, REPLY set)."""
     return VhostUserMessage(
-        req.request, VHOST_USER_VERSION | VhostUserHeaderFlag.REPLY, payload, list(fds)
+        req.request, VHOST_USER_VERSION | VhostUserHeaderFlag.REPLY, payload, tuple(fds)
     )
 
 
@@ -157,7 +146,7 @@ def describe(msg: VhostUserMessage) -> str:
     return f"{msg.request.name} {kind} flags={msg.flags:#x} nfds={len(msg.fds)}"
 
 
-def encode(msg: VhostUserMessage) -> tuple[bytes, list[int]]:
+def encode(msg: VhostUserMessage) -> tuple[bytes, tuple[int, ...]]:
     """Wire bytes and the fds to send with them. The message keeps owning its fds."""
     if msg.flags & VHOST_USER_VERSION_MASK != VHOST_USER_VERSION:
         raise LocalProtocolError(f"{msg.request!r}: flags {msg.flags:#x} lack version 1")
@@ -172,7 +161,7 @@ def encode(msg: VhostUserMessage) -> tuple[bytes, list[int]]:
     body = msg.payload.pack()
     if len(body) > MAX_PAYLOAD_SIZE:
         raise LocalProtocolError(f"{msg.request.name}: payload of {len(body)} bytes is too large")
-    return VhostUserHeader(msg.request, msg.flags, len(body)).pack() + body, list(msg.fds)
+    return VhostUserHeader(msg.request, msg.flags, len(body)).pack() + body, msg.fds
 
 
 class Decoder:
@@ -194,7 +183,7 @@ class Decoder:
         self._buf = bytearray()
         self._base = 0  # stream offset of _buf[0]
         self._fds: list[tuple[int, int]] = []  # (stream offset, fd)
-        self._broken: RemoteProtocolError | None = None
+        self._broken: DecodeError | None = None
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Add received bytes and the fds that arrived with them (ownership passes here)."""
@@ -216,7 +205,8 @@ class Decoder:
         return max(0, HEADER_SIZE + size - len(self._buf))
 
     @property
-    def pending_fds(self) -> int:
+    def buffered_fds(self) -> int:
+        """Fds received but not yet handed out with a message."""
         return len(self._fds)
 
     def close(self) -> None:
@@ -225,9 +215,9 @@ class Decoder:
         self._fds = []
         self._buf.clear()
 
-    def _fail(self, message: str) -> RemoteProtocolError:
+    def _fail(self, message: str) -> DecodeError:
         self.close()
-        self._broken = RemoteProtocolError(message, errno.EPROTO, fatal=True)
+        self._broken = DecodeError(message, errno.EPROTO, fatal=True)
         return self._broken
 
     def next_message(self) -> VhostUserMessage | None:
@@ -262,15 +252,15 @@ class Decoder:
         try:
             req: Request = enum_type(header.request)
         except ValueError:
-            raise MessageRejected(
+            raise _rejected(
                 f"unknown {self.channel.value} request {header.request}", header, errno.ENOSYS
             ) from None
         if req.value == 0:
-            raise MessageRejected("request 0 (NONE) is not a message", header, errno.ENOSYS)
+            raise _rejected("request 0 (NONE) is not a message", header, errno.ENOSYS)
         is_reply = bool(header.flags & VhostUserHeaderFlag.REPLY)
         if self.expect_replies is not None and is_reply != self.expect_replies:
             kind = "reply" if is_reply else "request"
-            raise MessageRejected(f"{req.name}: unexpected {kind}", header)
+            raise _rejected(f"{req.name}: unexpected {kind}", header)
         types, rule = _rules(spec_for(req), is_reply)
         payload: Payload | None = None
         problems: list[str] = []
@@ -281,7 +271,13 @@ class Decoder:
             except RemoteProtocolError as exc:
                 problems.append(str(exc))
         if payload is None:
-            raise MessageRejected(f"{req.name}: {'; '.join(problems)}", header)
+            raise _rejected(f"{req.name}: {'; '.join(problems)}", header)
         if len(fds) not in allowed_fd_count(rule, payload):
-            raise MessageRejected(f"{req.name}: {len(fds)} fds not allowed", header, errno.EBADF)
-        return VhostUserMessage(req, header.flags, payload, fds)
+            raise _rejected(f"{req.name}: {len(fds)} fds not allowed", header, errno.EBADF)
+        return VhostUserMessage(req, header.flags, payload, tuple(fds))
+
+
+def _rejected(message: str, header: VhostUserHeader, code: int = errno.EINVAL) -> DecodeError:
+    """A non-fatal refusal of a complete message; a reply is due when it asked for one."""
+    need_reply = bool(header.flags & VhostUserHeaderFlag.NEED_REPLY)
+    return DecodeError(message, code, request=header.request, reply_expected=need_reply)

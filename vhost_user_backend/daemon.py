@@ -29,7 +29,6 @@ from typing import Any, TypeVar
 from vhost_user.codec import (
     Channel,
     Decoder,
-    MessageRejected,
     VhostUserMessage,
     describe,
     encode,
@@ -64,7 +63,14 @@ from vhost_user.messages import (
 from vhost_user_backend.errors import ChannelFailed, DaemonError, FrontendRefused
 from vhost_user_backend.memory import MAX_MEM_SLOTS, MappedRegion, MemoryTable, MemoryTableError
 from vhost_user_backend.vring import Vring
-from wire.errors import ProtocolError, RemoteProtocolError, StateError, TransportError, WireError
+from wire.errors import (
+    DecodeError,
+    ProtocolError,
+    RemoteProtocolError,
+    StateError,
+    TransportError,
+    WireError,
+)
 from wire.unix import close_fds, recv_with_fds, send_with_fds
 
 log = logging.getLogger(__name__)
@@ -311,7 +317,9 @@ class VhostUserDaemon:
         while True:
             try:
                 msg = self._decoder.next_message()
-            except MessageRejected as exc:
+            except DecodeError as exc:
+                if exc.fatal:
+                    raise
                 self._conn_log.warning("rejected request: %s", exc)
                 self._reply_rejected(exc)
                 continue
@@ -319,12 +327,12 @@ class VhostUserDaemon:
                 self._conn_log.debug("<-- %s", describe(msg))
             return msg
 
-    def _reply_rejected(self, exc: MessageRejected) -> None:
+    def _reply_rejected(self, exc: DecodeError) -> None:
         try:
-            req = FrontendReq(exc.header.request)
+            req = FrontendReq(exc.request or 0)
         except ValueError:
             return
-        stub = request(req, need_reply=bool(exc.header.flags & 0x8))
+        stub = request(req, need_reply=exc.reply_expected)
         self._finish(stub, None, exc)
 
     def _send(self, msg: VhostUserMessage) -> None:
@@ -465,7 +473,8 @@ class VhostUserDaemon:
     def _vring_fd(self, msg: VhostUserMessage) -> tuple[Vring, int | None]:
         index, has_fd = vring_index_and_fd(_payload(msg, VhostUserU64).value)
         vring = self._vring(index)
-        return vring, msg.take_fds()[0] if has_fd else None
+        # The message closes its fd when it is done; the ring keeps a dup.
+        return vring, os.dup(msg.fds[0]) if has_fd else None
 
     def _set_vring_kick(self, msg: VhostUserMessage) -> None:
         vring, fd = self._vring_fd(msg)
@@ -506,7 +515,7 @@ class VhostUserDaemon:
         self._process(vring)
 
     def _set_backend_req_fd(self, msg: VhostUserMessage) -> None:
-        fd = msg.take_fds()[0]
+        fd = os.dup(msg.fds[0])
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:

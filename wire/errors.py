@@ -56,3 +56,29 @@ class StateError(WireError):
         super().__init__(f"{message} (state {state}, requires {required})")
         self.state = state
         self.required = required
+
+
+class DecodeError(RemoteProtocolError):
+    """A codec refused what the peer sent; both codecs raise only this.
+
+    Not ``fatal``: the whole message was skipped and its fds closed, the stream is still in
+    sync, and the caller answers it if ``reply_expected``. ``fatal``: the framing is lost, the
+    decoder stays broken and the connection must go. ``request`` is the message's command or
+    request number and ``msg_id`` its vfio-user id, when the header was readable; the number may
+    be one no enum knows, so error replies are built from these integers.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        errno: int = _errno.EINVAL,
+        *,
+        fatal: bool = False,
+        request: int | None = None,
+        msg_id: int | None = None,
+        reply_expected: bool = False,
+    ) -> None:
+        super().__init__(message, errno, fatal=fatal)
+        self.request = request
+        self.msg_id = msg_id
+        self.reply_expected = reply_expected

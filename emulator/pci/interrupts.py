@@ -37,12 +37,14 @@ class MsixVectors:
         return None
 
     def set_eventfds(self, start: int, fds: Sequence[int | None]) -> None:
-        """Install ``fds`` from vector ``start`` on; takes ownership and closes replaced fds."""
+        """Install ``fds`` from vector ``start`` on. They are lent: each vector keeps a ``dup``
+        and closes the one it replaces."""
         if start < 0 or start + len(fds) > self.count:
             raise ValueError(f"vectors {start}..{start + len(fds)} outside 0..{self.count}")
-        for vector, fd in enumerate(fds, start):
+        kept = [None if fd is None else os.dup(fd) for fd in fds]
+        for vector, fd in enumerate(kept, start):
             old = self._eventfds[vector]
-            if old is not None and old != fd:
+            if old is not None:
                 os.close(old)
             if fd is not None:
                 # Never block the loop on a client's fd (a pipe whose reader stopped).

@@ -297,9 +297,9 @@ class SharedMemoryRegion:
     def map(self, fd: int, fd_offset: int, shm_offset: int, length: int, writable: bool) -> None:
         """Map ``length`` bytes of ``fd`` at ``fd_offset`` to ``shm_offset`` in this region.
 
-        Ownership of ``fd``: on success the region owns it (closing it at once if the file could
-        be sealed against shrinking, otherwise on unmap/reset/close). On ``MappingRefused``
-        nothing changed and the caller still owns ``fd`` and must close it.
+        ``fd`` is lent and never closed here. A mapping that must keep reaching the file after
+        this call (one accessed with pread/pwrite, see the module docstring) keeps a ``dup``.
+        On ``MappingRefused`` nothing changed.
         """
         res = self._res
         span = f"[{shm_offset:#x}, +{length:#x}) from fd offset {fd_offset:#x}"
@@ -319,8 +319,6 @@ class SharedMemoryRegion:
             self._refuse(RefusalReason.LIMIT, f"{span}: BAR holds {res.limit} mappings")
         if self._table.overlaps(shm_offset, length):
             self._refuse(RefusalReason.OVERLAP, f"{span}: overlaps a live mapping")
-        if fd in res.fds:
-            self._refuse(RefusalReason.FD, f"{span}: fd {fd} already backs a mapping")
         try:
             info = os.fstat(fd)
         except (OSError, OverflowError) as exc:
@@ -345,20 +343,25 @@ class SharedMemoryRegion:
             if fd_offset + length > size:
                 self._restore(address, length)
                 self._refuse(RefusalReason.FD_SIZE, f"{span}: file shrank while being mapped")
+        kept_fd = -1
+        if not sealed:
+            try:
+                kept_fd = os.dup(fd)
+            except OSError as exc:
+                self._restore(address, length)
+                self._refuse(RefusalReason.FD, f"{span}: cannot keep the fd: {exc}", exc.errno)
         live = _Live(
             shm_offset,
             length,
             address,
-            fd=-1 if sealed else fd,
+            fd=kept_fd,
             fd_offset=fd_offset,
             writable=bool(writable),
         )
         self._table.insert(shm_offset, length, live)
         res.live += 1
-        if sealed:
-            os.close(fd)
-        else:
-            res.fds.add(fd)
+        if not sealed:
+            res.fds.add(kept_fd)
         logger.debug(
             "shmid %d: mapped %s %s%s",
             self.shmid,
@@ -552,7 +555,7 @@ class SharedMemoryBar:
     def map(
         self, shmid: int, fd: int, fd_offset: int, shm_offset: int, length: int, *, writable: bool
     ) -> None:
-        """SHMEM_MAP: ``SharedMemoryRegion.map`` on region ``shmid`` (same fd ownership rule)."""
+        """SHMEM_MAP: ``SharedMemoryRegion.map`` on region ``shmid`` (``fd`` is lent)."""
         self._region_or_refuse(shmid).map(fd, fd_offset, shm_offset, length, writable)
 
     def unmap(self, shmid: int, shm_offset: int, length: int) -> None:

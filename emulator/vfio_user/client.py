@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from emulator.errors import EmulatorError
-from emulator.vfio_user.codec import DecodeError, Decoder, Message, Role, encode, error_reply_for
+from emulator.vfio_user.codec import Decoder, Message, Role, encode, error_reply_for
 from emulator.vfio_user.messages import (
     CAP_MAX_BITMAP_SIZE,
     CAP_MAX_DATA_XFER_SIZE,
@@ -58,7 +59,7 @@ from emulator.vfio_user.messages import (
     Version,
     parse_region_caps,
 )
-from wire.errors import LocalProtocolError, RemoteProtocolError, TransportError
+from wire.errors import DecodeError, LocalProtocolError, RemoteProtocolError, TransportError
 from wire.unix import MAX_FDS_PER_MESSAGE, close_fds, recv_with_fds, send_with_fds
 
 __all__ = [
@@ -259,17 +260,13 @@ class VfioUserClient:
                 break
             reply.close()
             argsz = info.argsz
-        fds = reply.take_fds()
-        try:
+        with reply:
             if info.flags & RegionFlags.CAPS and not (
                 _REGION_INFO_ARGSZ <= info.cap_offset <= info.argsz
             ):
                 raise RemoteProtocolError(f"region {index} cap_offset {info.cap_offset}")
             caps = parse_region_caps(info)
-        except RemoteProtocolError:
-            close_fds(fds)
-            raise
-        return RegionDescription(info, caps, fds[0] if fds else None)
+            return RegionDescription(info, caps, os.dup(reply.fds[0]) if reply.fds else None)
 
     def get_irq_info(self, index: int) -> IrqInfo:
         payload = IrqInfo(IrqInfo.STRUCT.size, IrqInfoFlags(0), index, 0)

@@ -22,7 +22,7 @@ import errno
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 from emulator.vfio_user.messages import (
     DEFAULT_MAX_MSG_SIZE,
@@ -49,11 +49,10 @@ from emulator.vfio_user.messages import (
     SetIrqs,
     Version,
 )
-from wire.errors import LocalProtocolError, RemoteProtocolError, StateError
+from wire.errors import DecodeError, LocalProtocolError, RemoteProtocolError, StateError
 from wire.unix import close_fds
 
 __all__ = [
-    "DecodeError",
     "Decoder",
     "Message",
     "Role",
@@ -74,30 +73,9 @@ class Role(enum.Enum):
     CLIENT = "client"
 
 
-class DecodeError(RemoteProtocolError):
-    """A bad message. ``msg_id``/``command`` are set when the header was readable;
-    ``reply_expected`` says whether the peer waits for an (error) reply to it.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        errno: int = errno.EINVAL,
-        *,
-        fatal: bool = False,
-        msg_id: int | None = None,
-        command: int | None = None,
-        reply_expected: bool = False,
-    ) -> None:
-        super().__init__(message, errno, fatal=fatal)
-        self.msg_id = msg_id
-        self.command = command
-        self.reply_expected = reply_expected
-
-
 @dataclass(slots=True)
 class Message:
-    """One vfio-user message. It owns ``fds`` until ``close()`` or ``take_fds()``."""
+    """One vfio-user message. It owns ``fds`` and closes them when its ``with`` block ends."""
 
     command: Command
     msg_id: int
@@ -132,14 +110,16 @@ class Message:
         """The error reply to this command: header only, ERROR flag and ``err``."""
         return Message(self.command, self.msg_id, None, (), MsgType.REPLY, HeaderFlags.ERROR, err)
 
-    def take_fds(self) -> tuple[int, ...]:
-        """Hand the fds to the caller, who then owns them."""
-        fds, self.fds = self.fds, ()
-        return fds
-
     def close(self) -> None:
-        """Close any fds still owned."""
-        close_fds(self.take_fds())
+        """Close the fds: whoever keeps one beyond this message has ``dup``-ed it."""
+        fds, self.fds = self.fds, ()
+        close_fds(fds)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def error_reply_for(exc: DecodeError) -> bytes | None:
@@ -148,10 +128,10 @@ def error_reply_for(exc: DecodeError) -> bytes | None:
     Bytes rather than a ``Message`` because the command number may be one ``Command`` does
     not know; the reply echoes it all the same.
     """
-    if exc.fatal or not exc.reply_expected or exc.msg_id is None or exc.command is None:
+    if exc.fatal or not exc.reply_expected or exc.msg_id is None or exc.request is None:
         return None
     flags = MsgType.REPLY | HeaderFlags.ERROR
-    return HEADER.pack(exc.msg_id, exc.command, HEADER_SIZE, flags, exc.errno)
+    return HEADER.pack(exc.msg_id, exc.request, HEADER_SIZE, flags, exc.errno)
 
 
 Parser = Callable[[memoryview], Payload | None]
@@ -294,7 +274,6 @@ class Decoder:
         self._broken: DecodeError | None = None
         self._closed = False
 
-    @property
     def bytes_needed(self) -> int:
         """How many more bytes the next message needs (0 when one is ready)."""
         avail = len(self._data) - self._start
@@ -350,7 +329,7 @@ class Decoder:
                     errno.EINVAL,
                     fatal=True,
                     msg_id=msg_id,
-                    command=command,
+                    request=command,
                 )
             )
         end = start + size
@@ -394,7 +373,7 @@ class Decoder:
                 f"short region access (id {msg_id}, command {command})",
                 errno.EINVAL,
                 msg_id=msg_id,
-                command=command,
+                request=command,
                 reply_expected=not flags,
             )
         offset, region, count = _ACCESS.unpack_from(data, start + HEADER_SIZE)
@@ -411,7 +390,7 @@ class Decoder:
                 f"(id {msg_id}, command {command})",
                 errno.EINVAL,
                 msg_id=msg_id,
-                command=command,
+                request=command,
                 reply_expected=not flags,
             )
         return Message(
@@ -431,7 +410,7 @@ class Decoder:
                 f"{why} (id {msg_id}, command {command})",
                 code,
                 msg_id=msg_id,
-                command=command,
+                request=command,
                 reply_expected=reply_expected,
             )
 
@@ -489,7 +468,7 @@ def _check_irq_fds(
         raise fail(f"SET_IRQS carries {len(fds)} fds for count {payload.count}")
 
 
-def encode(message: Message) -> tuple[bytes, list[int]]:
+def encode(message: Message) -> tuple[bytes, tuple[int, ...]]:
     """Serialise ``message``; returns the bytes and the fds to send with them.
 
     Does not close or take the fds. Raises ``LocalProtocolError`` for a message the
@@ -508,7 +487,7 @@ def encode(message: Message) -> tuple[bytes, list[int]]:
     header = HEADER.pack(
         message.msg_id, message.command, size, message.type | message.flags, message.error
     )
-    return header + body, list(message.fds)
+    return header + body, message.fds
 
 
 def _check_encodable(message: Message, rule: _Rule) -> None:

@@ -31,8 +31,8 @@ from emulator.pci.device import (
 from emulator.pci.interrupts import MsixVectors
 from emulator.trace import Tracer
 from emulator.vfio_user import messages as m
-from emulator.vfio_user.codec import DecodeError, Decoder, Message, Role, encode, error_reply_for
-from wire.errors import RemoteProtocolError, TransportError
+from emulator.vfio_user.codec import Decoder, Message, Role, encode, error_reply_for
+from wire.errors import DecodeError, RemoteProtocolError, TransportError
 from wire.unix import close_fds, recv_with_fds, send_with_fds, set_send_timeout
 
 logger = logging.getLogger(__name__)
@@ -300,11 +300,11 @@ class VfioUserServer:
         self._trace(reply, "out", len(data))
         self._send_raw(data, fds)
 
-    def _send_raw(self, data: bytes, fds: list[int] | None = None) -> None:
+    def _send_raw(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         if self._client is None:
             return
         try:
-            send_with_fds(self._client, data, fds or ())
+            send_with_fds(self._client, data, fds)
         except OSError as exc:
             raise TransportError(f"cannot send to the client: {exc}") from exc
 
@@ -335,7 +335,7 @@ class VfioUserServer:
     def _trace_in_error(self, exc: DecodeError) -> None:
         if self.tracer.enabled:
             self.tracer.record(
-                "vfio-user", "in", f"invalid:{exc.command}", msg_id=exc.msg_id, error=exc.errno
+                "vfio-user", "in", f"invalid:{exc.request}", msg_id=exc.msg_id, error=exc.errno
             )
 
     # -- handlers: one per command -----------------------------------------------------------
@@ -358,9 +358,8 @@ class VfioUserServer:
 
     def _dma_map(self, message: Message) -> Message:
         request = _payload(message, m.DmaMap)
-        fds = message.take_fds()
+        fds = message.fds
         if len(fds) > 1:
-            close_fds(fds)
             raise RemoteProtocolError("DMA_MAP carries at most one fd")
         flags = m.DmaMapFlags(request.flags)
         self.memory.map(
@@ -424,18 +423,15 @@ class VfioUserServer:
 
     def _set_irqs(self, message: Message) -> Message:
         request = _payload(message, m.SetIrqs)
-        fds = list(message.take_fds())
-        try:
-            vectors = self._irqs.get(request.index)
-            if vectors is None:
-                raise RemoteProtocolError(f"IRQ index {request.index} takes no SET_IRQS")
-            self._apply_irq_set(vectors, request, fds)
-        except BaseException:
-            close_fds(fds)
-            raise
+        vectors = self._irqs.get(request.index)
+        if vectors is None:
+            raise RemoteProtocolError(f"IRQ index {request.index} takes no SET_IRQS")
+        self._apply_irq_set(vectors, request, message.fds)
         return message.reply()
 
-    def _apply_irq_set(self, vectors: MsixVectors, request: m.SetIrqs, fds: list[int]) -> None:
+    def _apply_irq_set(
+        self, vectors: MsixVectors, request: m.SetIrqs, fds: tuple[int, ...]
+    ) -> None:
         flags = m.IrqSetFlags(request.flags)
         start, count = request.start, request.count
         # As the kernel's vfio_set_irqs_validate_and_prepare: start must name a vector even
@@ -448,7 +444,6 @@ class VfioUserServer:
                     raise RemoteProtocolError(f"{len(fds)} eventfds for {count} vectors")
                 # No fds for a run of vectors means QEMU passed -1 for each: disconnect them.
                 vectors.set_eventfds(start, fds or [None] * count)
-                fds.clear()
             elif fds:
                 raise RemoteProtocolError("fds sent without DATA_EVENTFD")
             elif count == 0 and flags & m.IrqSetFlags.DATA_NONE:

@@ -38,7 +38,6 @@ from emulator.virtio.device import QueueConfig
 from vhost_user.codec import (
     Channel,
     Decoder,
-    MessageRejected,
     VhostUserHeader,
     VhostUserMessage,
     encode,
@@ -66,7 +65,7 @@ from vhost_user.messages import (
     VhostUserVringState,
     shmem_feature,
 )
-from wire.errors import RemoteProtocolError, TransportError, WireError
+from wire.errors import DecodeError, RemoteProtocolError, TransportError, WireError
 from wire.unix import close_fds, recv_with_fds, send_with_fds, set_send_timeout
 
 logger = logging.getLogger(__name__)
@@ -601,11 +600,14 @@ class VhostUserFrontend:
                 decoder.feed(data, fds)
                 while (message := decoder.next_message()) is not None:
                     self._serve_backend_request(message)
-            except MessageRejected as exc:
+            except DecodeError as exc:
+                if exc.fatal:
+                    self._disconnect(f"back-end channel framing: {exc}")
+                    return
                 logger.warning("back-end sent an invalid request: %s", exc)
                 self._trace_rejected(exc)
-                if exc.header.flags & VhostUserHeaderFlag.NEED_REPLY:
-                    self._channel_reply_raw(exc.header.request, exc.errno)
+                if exc.reply_expected and exc.request is not None:
+                    self._channel_reply_raw(exc.request, exc.errno)
             except RemoteProtocolError as exc:
                 self._disconnect(f"back-end channel framing: {exc}")
                 return
@@ -649,22 +651,16 @@ class VhostUserFrontend:
 
     def _shmem_map(self, message: VhostUserMessage, mmap_request: VhostUserMMap) -> None:
         assert self._shmem is not None
-        fds = message.take_fds()
-        if len(fds) != 1:
-            close_fds(fds)
-            raise RemoteProtocolError(f"SHMEM_MAP needs exactly one fd, got {len(fds)}")
-        try:
-            self._shmem.map(
-                mmap_request.shmid,
-                fds[0],
-                mmap_request.fd_offset,
-                mmap_request.shm_offset,
-                mmap_request.length,
-                writable=mmap_request.writable,
-            )
-        except BaseException:
-            os.close(fds[0])
-            raise
+        if len(message.fds) != 1:
+            raise RemoteProtocolError(f"SHMEM_MAP needs exactly one fd, got {len(message.fds)}")
+        self._shmem.map(
+            mmap_request.shmid,
+            message.fds[0],
+            mmap_request.fd_offset,
+            mmap_request.shm_offset,
+            mmap_request.length,
+            writable=mmap_request.writable,
+        )
 
     def _channel_send(self, message: VhostUserMessage) -> None:
         if self._channel is None:
@@ -723,10 +719,10 @@ class VhostUserFrontend:
                 payload=message.payload,
             )
 
-    def _trace_rejected(self, exc: MessageRejected) -> None:
+    def _trace_rejected(self, exc: DecodeError) -> None:
         if self.tracer.enabled:
             self.tracer.record(
-                "vhost-user-backend", "in", f"invalid:{exc.header.request}", error=exc.errno
+                "vhost-user-backend", "in", f"invalid:{exc.request}", error=exc.errno
             )
 
 

@@ -24,7 +24,6 @@ from emulator.app import Emulator
 from emulator.errors import ANY_ERROR
 from emulator.shmem import SharedMemoryBar
 from emulator.vfio_user import messages as vm
-from emulator.vfio_user.codec import DecodeError
 from emulator.vhost_frontend.frontend import VhostUserFrontend
 from emulator.virtio.device import QueueConfig
 from tests.fuzz.invariants import (
@@ -61,6 +60,7 @@ from tests.fuzz.rig import (
     mmap_request,
     read_channel_reply,
 )
+from wire.errors import DecodeError
 from wire.unix import send_with_fds
 
 T = TypeVar("T")
@@ -706,7 +706,10 @@ class FrontendEngine:
             return
         memfd = os.memfd_create("fuzz-ram", os.MFD_CLOEXEC)
         os.ftruncate(memfd, 16 * PAGE)
-        frontend.memory.map(0, 16 * PAGE, fd=memfd)
+        try:
+            frontend.memory.map(0, 16 * PAGE, fd=memfd)  # lent: the memory keeps a dup
+        finally:
+            os.close(memfd)
         queue = QueueConfig(0, 8, 0xFFFF, 0, PAGE, 2 * PAGE)
         active = False
         for _ in range(draw.int(1, 4)):

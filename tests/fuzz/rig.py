@@ -29,8 +29,8 @@ from emulator.config import EmulatorConfig
 from emulator.errors import ANY_ERROR
 from emulator.pci.device import RegionIndex
 from emulator.vfio_user import messages as vm
-from emulator.vfio_user.codec import DecodeError, Message, Role, encode
 from emulator.vfio_user.codec import Decoder as VfioDecoder
+from emulator.vfio_user.codec import Message, Role, encode
 from vhost_user.codec import Channel, VhostUserMessage, reply_to
 from vhost_user.codec import Decoder as VhostDecoder
 from vhost_user.codec import encode as vhost_encode
@@ -46,6 +46,7 @@ from vhost_user.messages import (
     VhostUserU64,
     VhostUserVringState,
 )
+from wire.errors import DecodeError
 from wire.unix import close_fds, recv_with_fds, send_with_fds
 
 PF = VhostUserProtocolFeature
@@ -339,9 +340,8 @@ class ScriptedBackend:
             assert isinstance(state, VhostUserVringState)
             return VhostUserVringState(state.index, 0)
         if req is FrontendReq.SET_BACKEND_REQ_FD:
-            fds = message.take_fds()
             self.drop_channel()
-            self.channel = socket.socket(fileno=fds[0])
+            self.channel = socket.socket(fileno=os.dup(message.fds[0]))
             self.channel_ready.set()
         if message.need_reply:
             return VhostUserU64(0)
@@ -393,7 +393,7 @@ class ScriptedBackend:
         elif action == "huge-size":
             data = HEADER.pack(req, 0x5, 0xFFFF_FFF0) + data[HEADER.size :]
         try:
-            send_with_fds(conn, data, fds + extra)
+            send_with_fds(conn, data, [*fds, *extra])
             self.messages_out += 1
         finally:
             close_fds(extra)

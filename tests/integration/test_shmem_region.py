@@ -42,6 +42,22 @@ def memfd(pages: int, *, sealing: bool = True, name: str = "shm-test") -> int:
     return fd
 
 
+def map_memfd(
+    bar: SharedMemoryBar,
+    shmid: int,
+    pages: int,
+    *request: int,
+    writable: bool,
+    sealing: bool = True,
+) -> None:
+    """Map a fresh pattern memfd; the fd is only lent to ``map``, so it is closed right after."""
+    fd = memfd(pages, sealing=sealing)
+    try:
+        bar.map(shmid, fd, *request, writable=writable)
+    finally:
+        os.close(fd)
+
+
 def pattern(start: int, size: int) -> bytes:
     return bytes((i * 7) % 251 for i in range(start, start + size))
 
@@ -153,7 +169,7 @@ def test_guest_write_to_readonly_mapping_changes_nothing_and_warns_once(
 
 def test_unmap_reads_zero_and_the_same_place_can_be_mapped_again(bar: SharedMemoryBar) -> None:
     reg = region(bar, 0)
-    bar.map(0, memfd(1), 0, 5 * PAGE, PAGE, writable=True)
+    map_memfd(bar, 0, 1, 0, 5 * PAGE, PAGE, writable=True)
     assert bar.read(5 * PAGE + 1, 4) == pattern(1, 4)
     bar.unmap(0, 5 * PAGE, PAGE)
     assert len(reg) == 0
@@ -161,15 +177,15 @@ def test_unmap_reads_zero_and_the_same_place_can_be_mapped_again(bar: SharedMemo
     bar.write(5 * PAGE, b"lost")
     assert bar.read(5 * PAGE, 4) == bytes(4)
     assert "---p" in vma_at(reg.host_address + 5 * PAGE)
-    bar.map(0, memfd(2), PAGE, 5 * PAGE, PAGE, writable=False)
+    map_memfd(bar, 0, 2, PAGE, 5 * PAGE, PAGE, writable=False)
     assert bar.read(5 * PAGE, 4) == pattern(PAGE, 4)
     assert reg.mappings()[0].fd_offset == PAGE
 
 
 def test_large_accesses_span_mappings_holes_and_regions(bar: SharedMemoryBar) -> None:
-    bar.map(0, memfd(2), 0, REGION0 - 2 * PAGE, 2 * PAGE, writable=True)
-    bar.map(1, memfd(1), 0, 0, PAGE, writable=False)
-    bar.map(1, memfd(1), 0, 2 * PAGE, PAGE, writable=True)
+    map_memfd(bar, 0, 2, 0, REGION0 - 2 * PAGE, 2 * PAGE, writable=True)
+    map_memfd(bar, 1, 1, 0, 0, PAGE, writable=False)
+    map_memfd(bar, 1, 1, 0, 2 * PAGE, PAGE, writable=True)
     start = REGION0 - 3 * PAGE
     got = bar.read(start, 6 * PAGE)
     assert got == bytes(PAGE) + pattern(0, 2 * PAGE) + pattern(0, PAGE) + bytes(PAGE) + pattern(
@@ -263,8 +279,8 @@ def test_every_refusal_leaves_everything_unchanged(
     reason: RefusalReason,
     request_: tuple[int, int, int, int, bool] | str,
 ) -> None:
-    bar.map(0, memfd(2), 0, PAGE, 2 * PAGE, writable=True)
-    bar.map(1, memfd(1), 0, 0, PAGE, writable=False)
+    map_memfd(bar, 0, 2, 0, PAGE, 2 * PAGE, writable=True)
+    map_memfd(bar, 1, 1, 0, 0, PAGE, writable=False)
     before = _snapshot(bar)
     fds_before = fd_count()
     cleanup: Callable[[], None] = lambda: None  # noqa: E731
@@ -303,9 +319,9 @@ def test_every_refusal_leaves_everything_unchanged(
 def test_unmap_refuses_anything_but_one_whole_mapping(
     bar: SharedMemoryBar, shmid: int, shm_offset: int, length: int
 ) -> None:
-    bar.map(0, memfd(2), 0, PAGE, 2 * PAGE, writable=True)
-    bar.map(0, memfd(1), 0, 3 * PAGE, PAGE, writable=True)
-    bar.map(1, memfd(1), 0, 0, PAGE, writable=False)
+    map_memfd(bar, 0, 2, 0, PAGE, 2 * PAGE, writable=True)
+    map_memfd(bar, 0, 1, 0, 3 * PAGE, PAGE, writable=True)
+    map_memfd(bar, 1, 1, 0, 0, PAGE, writable=False)
     before = _snapshot(bar)
     with pytest.raises(MappingRefused) as refused:
         bar.unmap(shmid, shm_offset, length)
@@ -319,20 +335,20 @@ def test_mapping_caps_refuse_with_reason_limit() -> None:
         source = memfd(1)
         try:
             for page in range(3):
-                bar.map(0, os.dup(source), 0, page * PAGE, PAGE, writable=False)
+                bar.map(0, source, 0, page * PAGE, PAGE, writable=False)
             fd = os.dup(source)
             with pytest.raises(MappingRefused) as refused:
                 bar.map(0, fd, 0, 10 * PAGE, PAGE, writable=False)
             assert refused.value.reason == RefusalReason.LIMIT
             for page in range(2):
-                bar.map(1, os.dup(source), 0, page * PAGE, PAGE, writable=False)
+                bar.map(1, source, 0, page * PAGE, PAGE, writable=False)
             with pytest.raises(MappingRefused) as refused:
                 bar.map(1, fd, 0, 10 * PAGE, PAGE, writable=False)
             assert refused.value.reason == RefusalReason.LIMIT
             assert len(bar) == 5
             os.close(fd)
             bar.unmap(0, 0, PAGE)
-            bar.map(1, os.dup(source), 0, 10 * PAGE, PAGE, writable=False)
+            bar.map(1, source, 0, 10 * PAGE, PAGE, writable=False)
             assert len(bar) == 5
         finally:
             os.close(source)
@@ -345,31 +361,35 @@ def test_default_bar_cap_leaves_room_in_the_vma_limit() -> None:
     assert 2 * cap < limit
 
 
-def test_unsealed_fd_is_owned_until_unmap_and_cannot_back_two_mappings(
+def test_unsealed_mapping_keeps_a_dup_of_the_lent_fd_until_unmap(
     bar: SharedMemoryBar,
 ) -> None:
     fd = memfd(2, sealing=False)
+    fds_before = fd_count()
     bar.map(0, fd, 0, 0, PAGE, writable=True)
+    bar.map(0, fd, PAGE, PAGE, PAGE, writable=True)
     assert region(bar, 0).mappings()[0].sealed is False
-    assert is_open(fd)
-    with pytest.raises(MappingRefused) as refused:
-        bar.map(0, fd, PAGE, PAGE, PAGE, writable=True)
-    assert refused.value.reason == RefusalReason.FD
+    assert fd_count() == fds_before + 2, "each mapping keeps its own dup"
+    os.close(fd)
     bar.write(8, b"unsealed")
     assert bar.read(8, 8) == b"unsealed"
     bar.unmap(0, 0, PAGE)
-    assert not is_open(fd)
+    bar.unmap(0, PAGE, PAGE)
+    assert fd_count() == fds_before - 1
 
 
-def test_sealable_memfd_is_sealed_against_shrinking_and_its_fd_closed(
+def test_sealable_memfd_is_sealed_against_shrinking_and_no_fd_kept(
     bar: SharedMemoryBar,
 ) -> None:
     fd = memfd(2)
     probe = os.dup(fd)
     try:
+        fds_before = fd_count()
         bar.map(0, fd, 0, 0, 2 * PAGE, writable=True)
         assert region(bar, 0).mappings()[0].sealed is True
-        assert not is_open(fd)
+        assert is_open(fd), "the fd is lent, never closed by map"
+        assert fd_count() == fds_before, "a sealed mapping keeps no fd"
+        os.close(fd)
         with pytest.raises(PermissionError):
             os.ftruncate(probe, PAGE)
         assert bar.read(2 * PAGE - 8, 8) == pattern(2 * PAGE - 8, 8)
@@ -447,11 +467,11 @@ def test_readonly_fd_of_sealable_memfd_falls_back_to_pread(bar: SharedMemoryBar)
 def test_ten_thousand_map_unmap_cycles_leak_no_fds_or_vmas(sealing: bool) -> None:
     with SharedMemoryBar(ShmemLayout.from_sizes({0: 64 * PAGE})) as bar:
         source = memfd(4, sealing=sealing)
-        bar.map(0, os.dup(source), 0, 0, PAGE, writable=False)
+        bar.map(0, source, 0, 0, PAGE, writable=False)
         fds, vmas = fd_count(), bar_vmas(bar)
         for cycle in range(10_000):
             offset = (1 + cycle % 8) * PAGE
-            bar.map(0, os.dup(source), (cycle % 4) * PAGE, offset, PAGE, writable=cycle % 2 == 0)
+            bar.map(0, source, (cycle % 4) * PAGE, offset, PAGE, writable=cycle % 2 == 0)
             bar.unmap(0, offset, PAGE)
         assert (fd_count(), bar_vmas(bar)) == (fds, vmas)
         assert len(bar) == 1
@@ -462,14 +482,14 @@ def test_reset_drops_everything_and_close_releases_the_address_space() -> None:
     bar = SharedMemoryBar(ShmemLayout.from_sizes({0: 64 * PAGE, 3: 64 * PAGE}))
     fds = fd_count()
     for page in range(4):
-        bar.map(0, memfd(1, sealing=False), 0, page * PAGE, PAGE, writable=True)
-        bar.map(3, memfd(1), 0, page * PAGE, PAGE, writable=True)
+        map_memfd(bar, 0, 1, 0, page * PAGE, PAGE, writable=True, sealing=False)
+        map_memfd(bar, 3, 1, 0, page * PAGE, PAGE, writable=True)
     assert len(bar) == 8
     bar.reset()
     assert len(bar) == 0
     assert fd_count() == fds
     assert bar.read(0, bar.bar_size) == bytes(bar.bar_size)
-    bar.map(3, memfd(1), 0, 0, PAGE, writable=False)
+    map_memfd(bar, 3, 1, 0, 0, PAGE, writable=False)
     address = bar.host_address
     assert "---p" in vma_at(address)
     bar.close()
@@ -519,7 +539,7 @@ def test_costs_with_many_live_mappings(live: int) -> None:
         fds, vmas = fd_count(), bar_vmas(bar)
         start = time.perf_counter()
         for page in range(live):
-            bar.map(0, os.dup(source), page * PAGE, page * PAGE, PAGE, writable=True)
+            bar.map(0, source, page * PAGE, page * PAGE, PAGE, writable=True)
         map_cost = (time.perf_counter() - start) / live
         assert len(bar) == live
         assert fd_count() == fds

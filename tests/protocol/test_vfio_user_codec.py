@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emulator.vfio_user.codec import DecodeError, Decoder, Message, Role, encode, error_reply_for
+from emulator.vfio_user.codec import Decoder, Message, Role, encode, error_reply_for
 from emulator.vfio_user.messages import (
     DEFAULT_MAX_MSG_SIZE,
     Command,
@@ -48,7 +48,7 @@ from emulator.vfio_user.messages import (
     parse_sparse_mmap,
     sparse_mmap_cap,
 )
-from wire.errors import LocalProtocolError, RemoteProtocolError
+from wire.errors import DecodeError, LocalProtocolError, RemoteProtocolError
 from wire.unix import recv_with_fds, send_with_fds
 
 QEMU_CAPS_JSON = (
@@ -370,7 +370,7 @@ def test_encode_golden(golden: Golden, make_fds: Callable[[int], list[int]]) -> 
     msg = with_fds(golden, make_fds)
     data, fds = encode(msg)
     assert data == golden.wire
-    assert fds == list(msg.fds)
+    assert fds == msg.fds
     assert len(fds) == golden.nfds
 
 
@@ -379,12 +379,12 @@ def test_decode_golden_whole(golden: Golden, make_fds: Callable[[int], list[int]
     decoder = Decoder(golden.role)
     fds = make_fds(golden.nfds)
     decoder.feed(golden.wire, fds)
-    assert decoder.bytes_needed == 0
+    assert decoder.bytes_needed() == 0
     msg = decoder.next_message()
     assert msg == replace(golden.message, fds=tuple(fds))
     assert msg is not None and msg.size == len(golden.wire)
     assert decoder.next_message() is None
-    assert decoder.bytes_needed == 16
+    assert decoder.bytes_needed() == 16
 
 
 @pytest.mark.parametrize("golden", GOLDEN, ids=GOLDEN_IDS)
@@ -393,7 +393,7 @@ def test_decode_golden_byte_by_byte(golden: Golden, make_fds: Callable[[int], li
     fds = make_fds(golden.nfds)
     for i, byte in enumerate(golden.wire):
         assert decoder.next_message() is None
-        needed = decoder.bytes_needed
+        needed = decoder.bytes_needed()
         assert 0 < needed <= len(golden.wire) - i
         decoder.feed(bytes([byte]), fds if i == 0 else ())
     assert decoder.next_message() == replace(golden.message, fds=tuple(fds))
@@ -414,7 +414,7 @@ def test_decode_golden_with_trailing_data(
         decoder.feed(golden.wire + golden.wire[:5])
     assert decoder.next_message() == replace(golden.message, fds=tuple(fds))
     assert decoder.next_message() is None
-    assert decoder.bytes_needed == 11
+    assert decoder.bytes_needed() == 11
     decoder.feed(golden.wire[5:])
     assert decoder.next_message() == golden.message  # no fds came with the second copy
     assert decoder.next_message() is None
@@ -478,7 +478,7 @@ def expect_error(decoder: Decoder, err: int, msg_id: int, command: int) -> Decod
     with pytest.raises(DecodeError) as info:
         decoder.next_message()
     exc = info.value
-    assert (exc.errno, exc.msg_id, exc.command, exc.fatal) == (err, msg_id, command, False)
+    assert (exc.errno, exc.msg_id, exc.request, exc.fatal) == (err, msg_id, command, False)
     return exc
 
 
@@ -579,15 +579,20 @@ def test_close_closes_buffered_fds(make_fds: Callable[[int], list[int]]) -> None
     assert not any(is_open(fd) for fd in fds)
 
 
-def test_message_close_and_take_fds(make_fds: Callable[[int], list[int]]) -> None:
+def test_message_owns_its_fds_until_its_with_block_ends(
+    make_fds: Callable[[int], list[int]],
+) -> None:
     fds = make_fds(2)
-    msg = Message(Command.DEVICE_SET_IRQS, 1, None, tuple(fds))
-    assert msg.take_fds() == tuple(fds)
-    msg.close()
-    assert all(is_open(fd) for fd in fds)
-    msg = Message(Command.DEVICE_SET_IRQS, 1, None, tuple(fds))
-    msg.close()
+    with Message(Command.DEVICE_SET_IRQS, 1, None, tuple(fds)) as msg:
+        kept = os.dup(msg.fds[0])
+        assert all(is_open(fd) for fd in fds)
     assert not any(is_open(fd) for fd in fds)
+    assert is_open(kept)
+    os.close(kept)
+    msg = Message(Command.DEVICE_SET_IRQS, 1, None, tuple(make_fds(1)))
+    msg.close()
+    msg.close()
+    assert msg.fds == ()
 
 
 def test_error_reply_with_payload_is_rejected() -> None:
@@ -849,7 +854,7 @@ def test_framed_garbage_never_desyncs(
         first = decoder.next_message()
     except DecodeError as exc:
         assert not exc.fatal
-        assert (exc.msg_id, exc.command) == (msg_id, command)
+        assert (exc.msg_id, exc.request) == (msg_id, command)
     else:
         assert first is not None and first.msg_id == msg_id
     last = decoder.next_message()
