@@ -27,13 +27,7 @@ from emulator.pci.config import PciCapId, PciCommand, PciConfigSpace, PciReg
 from emulator.pci.device import IrqIndex, RegionAccess, RegionIndex, RegionInfo
 from emulator.pci.interrupts import MsixVectors
 from emulator.virtio.device import VirtioDevice
-from emulator.virtio.state import (
-    NO_VECTOR,
-    VirtioDeviceId,
-    VirtioFeature,
-    VirtioState,
-    bit,
-)
+from emulator.virtio.state import NO_VECTOR, UNSUPPORTED_FEATURES, VirtioDeviceId, VirtioState
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +122,6 @@ class Isr(enum.IntFlag):
     QUEUE = 1
     DEVICE_CONFIG = 2
 
-
-TRANSPORT_UNSUPPORTED = (
-    bit(VirtioFeature.SR_IOV) | bit(VirtioFeature.RING_RESET) | bit(VirtioFeature.ADMIN_VQ)
-)
-"""Transport features this transport cannot honour, removed from what the back-end offers."""
 
 # Class codes QEMU gives its virtio-pci devices (base class, subclass, prog-if).
 CLASS_CODES: dict[int, int] = {
@@ -232,7 +221,7 @@ class VirtioPciDevice:
         self.intx = MsixVectors(1)
         self.state = VirtioState(
             backend,
-            device_features=backend.device_features & ~TRANSPORT_UNSUPPORTED,
+            device_features=backend.device_features & ~UNSUPPORTED_FEATURES,
             num_vectors=self.num_vectors,
             on_needs_reset=self._raise_config_interrupt,
         )
