@@ -3,7 +3,7 @@
 BARs follow QEMU's virtio-pci so guests and tools see a familiar device:
 
 * BAR 1 (32-bit memory): MSI-X table at 0 and PBA after it. QEMU emulates the table itself;
-  the PBA is served from ``MsixVectors.pending_bits()``.
+  the PBA is served from ``IrqEventfds.pending_bits()``.
 * BAR 2 (64-bit prefetchable, 16 KiB): common config at 0x0000, ISR at 0x1000, device config
   at 0x2000, notifications at 0x3000 (``notify_off_multiplier`` 4, queue N at N * 4).
 * BAR 4 (64-bit prefetchable): the VIRTIO Shared Memory Regions, forwarded unchanged to a
@@ -25,7 +25,7 @@ from typing import Protocol
 from emulator.errors import ConfigError
 from emulator.pci.config import PciCapId, PciCommand, PciConfigSpace, PciReg
 from emulator.pci.device import IrqIndex, RegionAccess, RegionIndex, RegionInfo
-from emulator.pci.interrupts import MsixVectors
+from emulator.pci.interrupts import IrqEventfds
 from emulator.virtio.device import VirtioDevice
 from emulator.virtio.state import NO_VECTOR, UNSUPPORTED_FEATURES, VirtioDeviceId, VirtioState
 
@@ -217,8 +217,8 @@ class VirtioPciDevice:
         self.num_vectors = num_queues + 1
         if self.num_vectors > MSIX_MAX_VECTORS:
             raise ConfigError(f"{self.num_vectors} MSI-X vectors; at most {MSIX_MAX_VECTORS}")
-        self.msix = MsixVectors(self.num_vectors)
-        self.intx = MsixVectors(1)
+        self.msix = IrqEventfds(self.num_vectors)
+        self.intx = IrqEventfds(1)
         self.state = VirtioState(
             backend,
             device_features=backend.device_features & ~UNSUPPORTED_FEATURES,

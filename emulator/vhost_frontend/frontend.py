@@ -31,7 +31,7 @@ from emulator.config import EmulatorConfig
 from emulator.errors import BackendFailure, ConfigError, EmulatorError
 from emulator.loop import EventLoop
 from emulator.memory import GuestMemory
-from emulator.pci.interrupts import MsixVectors
+from emulator.pci.interrupts import IrqEventfds
 from emulator.shmem import MappingRefused, SharedMemoryBar, ShmemLayout
 from emulator.trace import Tracer
 from emulator.virtio.device import QueueConfig
@@ -93,7 +93,7 @@ _P = TypeVar("_P", bound=Payload)
 class TransportDevice(Protocol):
     """What the front-end needs from the virtio transport (``VirtioPciDevice``)."""
 
-    msix: MsixVectors
+    msix: IrqEventfds
 
     def config_changed(self) -> None: ...
 
