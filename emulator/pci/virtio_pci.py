@@ -389,6 +389,14 @@ class VirtioPciDevice:
         self.config.reset()
         self._reset_msix_table()
 
+    def close(self) -> None:
+        """Close the interrupt eventfds this device holds (``msix``, ``intx``). Idempotent.
+
+        The shared-memory BAR and the ``VirtioDevice`` were handed in; their owner closes them.
+        """
+        self.msix.close()
+        self.intx.close()
+
     # Events from the back-end side
 
     def config_changed(self) -> None:

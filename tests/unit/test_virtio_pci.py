@@ -384,7 +384,20 @@ def test_pba_reads_pending_bits() -> None:
     dev.msix.set_masked(2, 1, True)
     assert not dev.msix.trigger(2)
     assert dev.region_read(1, 0x800, 8) == (0b100).to_bytes(8, "little")
-    dev.msix.close()
+    dev.close()
+
+
+def test_close_closes_every_interrupt_eventfd_once() -> None:
+    dev, _ = make()
+    msix, [intx] = eventfds(3), eventfds(1)
+    dev.msix.set_eventfds(0, msix)
+    dev.intx.set_eventfds(0, [intx])
+    dev.close()
+    for fd in [*msix, intx]:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    dev.close()
+    assert dev.msix.eventfd(0) is None and dev.intx.eventfd(0) is None
 
 
 # The Linux bring-up sequence
@@ -501,7 +514,7 @@ def test_isr_is_read_to_clear_and_config_change_raises_msix_config_vector() -> N
     dev.queue_interrupt(0)
     assert fired(fds[1]) == 1
     assert drv.read_isr() == 1
-    dev.msix.close()
+    dev.close()
 
 
 def test_config_change_without_msix_uses_intx() -> None:
@@ -518,7 +531,7 @@ def test_config_change_without_msix_uses_intx() -> None:
     dev.config_changed()
     assert fired(intx) == 0
     assert drv.read_isr() == 2
-    dev.intx.close()
+    dev.close()
 
 
 def test_msix_enable_bit_in_config_space_selects_msix() -> None:
@@ -532,7 +545,7 @@ def test_msix_enable_bit_in_config_space_selects_msix() -> None:
     assert drv.cfg(dev.msix_cap + 2, 2) == 0x8002
     dev.config_changed()  # msix_config is NO_VECTOR: no interrupt at all
     assert fired(intx) == 0
-    dev.intx.close()
+    dev.close()
 
 
 def test_driver_reset_deactivates_and_clears_state() -> None:
@@ -577,7 +590,7 @@ def test_activate_failure_sets_needs_reset_and_interrupts() -> None:
     drv.reset()
     assert backend.deactivations == 0  # never became active
     assert drv.get_status() == 0
-    dev.msix.close()
+    dev.close()
 
 
 def test_set_needs_reset_from_back_end() -> None:
