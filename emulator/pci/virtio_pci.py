@@ -9,6 +9,11 @@ BARs follow QEMU's virtio-pci so guests and tools see a familiar device:
 * BAR 4 (64-bit prefetchable): the VIRTIO Shared Memory Regions, forwarded unchanged to a
   ``ShmemAccess``; absent when there are no regions.
 
+Every region is one entry of a table (region index -> ``RegionHandler``: size, read, write).
+``region_read``/``region_write`` check the range once and call the entry, so a guest read of
+BAR 4 goes from the server to ``ShmemAccess.read`` with nothing in between; the rare access
+that is out of range is clipped to the region and padded with zeros.
+
 Register accesses of any width are accepted: a write is merged byte-wise into each register
 it touches and applied as a full-width write, so the driver's natural-width accesses and a
 hostile client's odd ones go through the same path. Nothing the guest does raises.
@@ -19,12 +24,13 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from emulator.errors import ConfigError
 from emulator.pci.config import PciCapId, PciCommand, PciConfigSpace, PciReg
-from emulator.pci.device import IrqIndex, RegionAccess, RegionIndex, RegionInfo
+from emulator.pci.device import NUM_REGIONS, IrqIndex, RegionAccess, RegionIndex, RegionInfo
 from emulator.pci.interrupts import IrqEventfds
 from emulator.virtio.device import VirtioDevice
 from emulator.virtio.state import NO_VECTOR, UNSUPPORTED_FEATURES, VirtioDeviceId, VirtioState
@@ -171,6 +177,52 @@ class ShmemAccess(Protocol):
     def write(self, bar_offset: int, data: bytes) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class RegionHandler:
+    """One region of the device: its size and what serves accesses inside it.
+
+    ``read(offset, size)`` and ``write(offset, data)`` only ever see ``0 <= offset`` and
+    ``offset + size <= self.size`` with ``size > 0``: ``VirtioPciDevice`` checks first.
+    """
+
+    size: int
+    read: Callable[[int, int], bytes]
+    write: Callable[[int, bytes], None]
+
+
+def _read_nothing(offset: int, size: int) -> bytes:
+    return bytes(size)
+
+
+def _write_nothing(offset: int, data: bytes) -> None:
+    logger.debug("write %d@%#x to a region with nothing behind it dropped", len(data), offset)
+
+
+ABSENT_REGION = RegionHandler(0, _read_nothing, _write_nothing)
+"""A region the device does not have (size 0): every access is out of range."""
+
+
+def _clipped_read(region: RegionHandler, offset: int, size: int) -> bytes:
+    """A read that is empty or not inside ``region``: the inside part, zeros elsewhere."""
+    if size <= 0:
+        return b""
+    low, high = max(offset, 0), min(offset + size, region.size)
+    if low >= high:
+        return bytes(size)
+    out = bytearray(size)
+    out[low - offset : high - offset] = region.read(low, high - low)
+    return bytes(out)
+
+
+def _clipped_write(region: RegionHandler, index: int, offset: int, data: bytes) -> None:
+    """A write that is empty or not inside ``region``: the inside part lands, the rest drops."""
+    low, high = max(offset, 0), min(offset + len(data), region.size)
+    if low < high:
+        region.write(low, data[low - offset : high - offset])
+    elif data:
+        logger.debug("write %d@%#x outside region %d dropped", len(data), offset, index)
+
+
 def class_code_for(virtio_id: int) -> int:
     """The PCI class code QEMU uses for this device type, else 0xff0000 (unclassified)."""
     return CLASS_CODES.get(virtio_id, PCI_CLASS_OTHERS)
@@ -225,7 +277,6 @@ class VirtioPciDevice:
             num_vectors=self.num_vectors,
             on_needs_reset=self._raise_config_interrupt,
         )
-        self._shmem = shmem
         regions = tuple(shmem_layout.regions) if shmem_layout is not None else ()
         self._shmem_bar_size = shmem_layout.bar_size if shmem_layout and regions else 0
         self._msix_bar_size, self._pba_offset = msix_bar_layout(self.num_vectors)
@@ -249,6 +300,7 @@ class VirtioPciDevice:
         self.cap_offsets: dict[VirtioPciCapType, int] = {}
         self._add_virtio_caps(regions)
         self.config.seal()
+        self._regions = self._region_table(shmem)
 
         # Transport registers that are not part of VirtioState.
         self._device_feature_select = 0
@@ -259,6 +311,20 @@ class VirtioPciDevice:
         self._pending_kicks: set[int] = set()
 
     # Construction
+
+    def _region_table(self, shmem: ShmemAccess | None) -> tuple[RegionHandler, ...]:
+        """Region index -> handler, for every VFIO region index; absent ones have size 0."""
+        table = [ABSENT_REGION] * NUM_REGIONS
+        table[MSIX_BAR] = RegionHandler(self._msix_bar_size, self._msix_read, self._msix_write)
+        table[VIRTIO_BAR] = RegionHandler(VIRTIO_BAR_SIZE, self._split_read, self._split_write)
+        if self._shmem_bar_size:
+            # The shared-memory BAR's own read and write: nothing of ours on that path.
+            read, write = (shmem.read, shmem.write) if shmem else (_read_nothing, _write_nothing)
+            table[SHMEM_BAR] = RegionHandler(self._shmem_bar_size, read, write)
+        table[RegionIndex.CONFIG] = RegionHandler(
+            CONFIG_REGION_SIZE, self._config_read, self._config_write
+        )
+        return tuple(table)
 
     def _reset_msix_table(self) -> None:
         """Every entry starts masked (Vector Control bit 0), as after a PCI reset."""
@@ -345,35 +411,22 @@ class VirtioPciDevice:
     # PciDevice
 
     def region_info(self, index: int) -> RegionInfo:
-        size = self._region_size(index)
+        size = self._regions[index].size if 0 <= index < NUM_REGIONS else 0
         access = RegionAccess.READ | RegionAccess.WRITE if size else RegionAccess.NONE
         return RegionInfo(index=index, size=size, access=access)
 
-    def _region_size(self, index: int) -> int:
-        if index == RegionIndex.CONFIG:
-            return CONFIG_REGION_SIZE
-        if index == MSIX_BAR:
-            return self._msix_bar_size
-        if index == VIRTIO_BAR:
-            return VIRTIO_BAR_SIZE
-        if index == SHMEM_BAR:
-            return self._shmem_bar_size
-        return 0
-
     def region_read(self, index: int, offset: int, size: int) -> bytes:
-        if size <= 0:
-            return b""
-        if index == RegionIndex.CONFIG:
-            return self._config_read(offset, size)
-        return self._bar_read(index, offset, size)
+        region = self._regions[index] if 0 <= index < NUM_REGIONS else ABSENT_REGION
+        if size > 0 and 0 <= offset <= region.size - size:
+            return region.read(offset, size)
+        return _clipped_read(region, offset, size)
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
-        if not data:
-            return
-        if index == RegionIndex.CONFIG:
-            self._config_write(offset, data)
+        region = self._regions[index] if 0 <= index < NUM_REGIONS else ABSENT_REGION
+        if data and 0 <= offset <= region.size - len(data):
+            region.write(offset, data)
         else:
-            self._bar_write(index, offset, data)
+            _clipped_write(region, index, offset, data)
 
     def irq_count(self, index: int) -> int:
         if index == IrqIndex.MSIX:
@@ -462,7 +515,8 @@ class VirtioPciDevice:
         )
 
     def _window_usable(self, bar: int, bar_offset: int, length: int) -> bool:
-        if length not in (1, 2, 4) or bar_offset % length:
+        """The window reaches BARs only (never this config space), with an aligned 1, 2 or 4."""
+        if bar > RegionIndex.BAR5 or length not in (1, 2, 4) or bar_offset % length:
             logger.debug("PCI cfg window %d@%#x in BAR %d ignored", length, bar_offset, bar)
             return False
         return True
@@ -472,7 +526,7 @@ class VirtioPciDevice:
         if offset < data_off + 4 and data_off < offset + size:
             value = b""
             if self._window_usable(bar, bar_offset, length):
-                value = self._bar_read(bar, bar_offset, length)
+                value = self.region_read(bar, bar_offset, length)
             self.config.set_bytes(data_off, value.ljust(4, b"\0"))
         return self.config.read(offset, size)
 
@@ -483,28 +537,9 @@ class VirtioPciDevice:
         data_off, bar, bar_offset, length = self._cfg_window()
         touched = offset < data_off + 4 and data_off < offset + len(data)
         if touched and self._window_usable(bar, bar_offset, length):
-            self._bar_write(bar, bar_offset, self.config.read(data_off, length))
+            self.region_write(bar, bar_offset, self.config.read(data_off, length))
 
-    # BAR dispatch
-
-    def _bar_read(self, index: int, offset: int, size: int) -> bytes:
-        if index == VIRTIO_BAR:
-            return self._split_read(offset, size)
-        if index == MSIX_BAR:
-            return self._msix_read(offset, size)
-        if index == SHMEM_BAR:
-            return self._shmem_read(offset, size)
-        return bytes(size)
-
-    def _bar_write(self, index: int, offset: int, data: bytes) -> None:
-        if index == VIRTIO_BAR:
-            self._split_write(offset, data)
-        elif index == MSIX_BAR:
-            self._msix_write(offset, data)
-        elif index == SHMEM_BAR:
-            self._shmem_write(offset, data)
-        else:
-            logger.debug("write to absent region %d dropped", index)
+    # Virtio structures (BAR 2)
 
     def _split_read(self, offset: int, size: int) -> bytes:
         """Serve a BAR 2 read piece by piece, one 4 KiB structure at a time."""
@@ -528,9 +563,6 @@ class VirtioPciDevice:
         return bytes(out)
 
     def _split_write(self, offset: int, data: bytes) -> None:
-        if offset < 0 or offset + len(data) > VIRTIO_BAR_SIZE:
-            logger.debug("BAR 2 write %d@%#x out of range dropped", len(data), offset)
-            return
         base = offset - offset % SUBREGION_SIZE
         if offset + len(data) > base + SUBREGION_SIZE:
             logger.debug("BAR 2 write %d@%#x crosses structures; dropped", len(data), offset)
@@ -726,18 +758,3 @@ class VirtioPciDevice:
             pos = offset + i
             if 0 <= pos < table_end:
                 self._msix_table[pos] = value
-
-    # Shared memory (BAR 4)
-
-    def _shmem_read(self, offset: int, size: int) -> bytes:
-        end = min(offset + size, self._shmem_bar_size)
-        if offset < 0 or offset >= end or self._shmem is None:
-            return bytes(size)
-        return self._shmem.read(offset, end - offset).ljust(size, b"\0")[:size]
-
-    def _shmem_write(self, offset: int, data: bytes) -> None:
-        end = min(offset + len(data), self._shmem_bar_size)
-        if offset < 0 or offset >= end or self._shmem is None:
-            logger.debug("shared memory write %d@%#x outside BAR 4 dropped", len(data), offset)
-            return
-        self._shmem.write(offset, data[: end - offset])

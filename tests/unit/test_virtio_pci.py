@@ -821,6 +821,19 @@ def test_pci_cfg_window_reads_shared_memory() -> None:
     assert drv.cfg32(cap.pos + 16) == 0x5A5A5A5A
 
 
+def test_pci_cfg_window_never_reaches_config_space() -> None:
+    dev, _ = make()
+    drv = Driver(dev)
+    cap = drv.cap(VirtioPciCapType.PCI_CFG)
+    drv.cfg_write(cap.pos + 4, RegionIndex.CONFIG, 1)
+    drv.cfg_write(cap.pos + 8, PciReg.COMMAND, 4)
+    drv.cfg_write(cap.pos + 12, 2, 4)
+    command = drv.cfg(PciReg.COMMAND, 2)
+    assert drv.cfg(cap.pos + 16, 2) == 0
+    drv.cfg_write(cap.pos + 16, command ^ PciCommand.MEMORY, 2)
+    assert drv.cfg(PciReg.COMMAND, 2) == command
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     index=st.integers(0, 8),
