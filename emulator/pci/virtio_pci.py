@@ -319,8 +319,12 @@ class VirtioPciDevice:
         table[VIRTIO_BAR] = RegionHandler(VIRTIO_BAR_SIZE, self._split_read, self._split_write)
         if self._shmem_bar_size:
             # The shared-memory BAR's own read and write: nothing of ours on that path.
-            read, write = (shmem.read, shmem.write) if shmem else (_read_nothing, _write_nothing)
-            table[SHMEM_BAR] = RegionHandler(self._shmem_bar_size, read, write)
+            # (``is None``: a SharedMemoryBar with no live mapping is falsy, it has __len__.)
+            if shmem is not None:
+                handler = RegionHandler(self._shmem_bar_size, shmem.read, shmem.write)
+            else:
+                handler = RegionHandler(self._shmem_bar_size, _read_nothing, _write_nothing)
+            table[SHMEM_BAR] = handler
         table[RegionIndex.CONFIG] = RegionHandler(
             CONFIG_REGION_SIZE, self._config_read, self._config_write
         )

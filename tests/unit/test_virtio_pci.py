@@ -896,6 +896,20 @@ def test_shared_memory_bar_forwards_unchanged_and_clips() -> None:
     assert dev.region_read(4, 4 * MiB, 4) == bytes(4)
 
 
+def test_shared_memory_bar_is_used_even_when_it_is_falsy() -> None:
+    """SharedMemoryBar has ``__len__`` (live mappings): with none it is falsy, not absent."""
+
+    class EmptyShmem(FakeShmem):
+        def __len__(self) -> int:
+            return 0
+
+    shmem = EmptyShmem(bytearray(b"mapped!!" * 8))
+    dev, _ = make(layout=Layout(0x1000, (Region(0, 0, 0x1000),)), shmem=shmem)
+    assert dev.region_read(4, 0, 8) == b"mapped!!"
+    dev.region_write(4, 8, b"written!")
+    assert shmem.writes == [(8, b"written!")]
+
+
 def test_no_shared_memory_bar_without_regions() -> None:
     dev, _ = make(layout=ShmemLayout.from_sizes({}), shmem=FakeShmem(bytearray()))
     drv = Driver(dev)
