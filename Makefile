@@ -9,10 +9,13 @@ export VIRTIO_EMU_CACHE ?= $(HOME)/.cache/virtio-emu
 
 all: setup
 
-$(VENV)/.installed: pyproject.toml
+# Two distributions, one pip command: the project requires vguest, and naming ./guest-tools
+# here is what makes pip take it from this tree rather than look for it on an index.
+$(VENV)/.installed: pyproject.toml guest-tools/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(MAKE) -s -C guest-tools
+	$(PY) -m pip install -q -e ./guest-tools -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed guest-tools
@@ -46,5 +49,5 @@ fuzz: setup
 	$(VENV)/bin/pytest tests/fuzz --hypothesis-profile=campaign --timeout=4000
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info guest-tools/build guest-tools/*.egg-info
 	$(MAKE) -s -C guest-tools clean

@@ -73,8 +73,7 @@ class Emulator:
             shmem_layout=layout if self.shmem is not None else None,
             shmem=self.shmem,
         )
-        self._stack.callback(self.device.msix.close)
-        self._stack.callback(self.device.intx.close)
+        self._stack.callback(self.device.close)
         if self.frontend is not None:
             self.frontend.attach(self.device, self.shmem)
         self.server = VfioUserServer(

@@ -436,7 +436,8 @@ class Builder:
     def _image(self, guest: str, host: str) -> Toolchain:
         tools = _hash_tree(
             REPO_ROOT / "guest-tools",
-            frozenset({"__pycache__", "build", ".mypy_cache", ".pytest_cache"}),
+            # vguest.egg-info: what `pip install -e ./guest-tools` leaves, not a source.
+            frozenset({"__pycache__", "build", "vguest.egg-info", ".mypy_cache", ".pytest_cache"}),
             (".pyc", ".so", ".o"),
         )
         agent_inputs = [(VM_DIR / name).read_text() for name in ("agent.py", "guest-init.sh")]

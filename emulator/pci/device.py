@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
-from emulator.pci.interrupts import MsixVectors
+from emulator.pci.interrupts import IrqEventfds
 
 
 class RegionIndex(enum.IntEnum):
@@ -63,8 +63,8 @@ class RegionInfo:
 class PciDevice(Protocol):
     """A PCI function as the vfio-user server sees it."""
 
-    msix: MsixVectors
-    intx: MsixVectors
+    msix: IrqEventfds
+    intx: IrqEventfds
 
     def region_info(self, index: int) -> RegionInfo:
         """Describe region ``index`` (0 <= index < NUM_REGIONS)."""

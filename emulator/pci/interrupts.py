@@ -1,8 +1,9 @@
-"""MSI-X vectors as eventfds handed over by the vfio-user client (DEVICE_SET_IRQS).
+"""Interrupts as eventfds handed over by the vfio-user client (DEVICE_SET_IRQS).
 
-QEMU emulates the MSI-X table itself; we only get one eventfd per vector. Writing to it
-injects the interrupt, so a vhost-user back-end given the same eventfd as its call fd
-interrupts the guest without passing through Python.
+Every VFIO IRQ index works the same way: MSI-X (one interrupt per vector), INTx, ERR and
+REQ (one each). QEMU emulates the MSI-X table itself; we only get one eventfd per
+interrupt. Writing to it injects the interrupt, so a vhost-user back-end given the same
+eventfd as its call fd interrupts the guest without passing through Python.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ from collections.abc import Callable, Sequence
 logger = logging.getLogger(__name__)
 
 
-class MsixVectors:
-    """Eventfds and mask bits for ``count`` MSI-X vectors. Owns the eventfds."""
+class IrqEventfds:
+    """Eventfds, mask and pending bits for the ``count`` interrupts of one VFIO IRQ index.
+
+    Interrupt ``n`` is MSI-X vector ``n`` for the MSI-X index; INTx, ERR and REQ have only
+    interrupt 0. Owns the eventfds.
+    """
 
     def __init__(self, count: int) -> None:
         self.count = count

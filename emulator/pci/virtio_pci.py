@@ -3,11 +3,16 @@
 BARs follow QEMU's virtio-pci so guests and tools see a familiar device:
 
 * BAR 1 (32-bit memory): MSI-X table at 0 and PBA after it. QEMU emulates the table itself;
-  the PBA is served from ``MsixVectors.pending_bits()``.
+  the PBA is served from ``IrqEventfds.pending_bits()``.
 * BAR 2 (64-bit prefetchable, 16 KiB): common config at 0x0000, ISR at 0x1000, device config
   at 0x2000, notifications at 0x3000 (``notify_off_multiplier`` 4, queue N at N * 4).
 * BAR 4 (64-bit prefetchable): the VIRTIO Shared Memory Regions, forwarded unchanged to a
   ``ShmemAccess``; absent when there are no regions.
+
+Every region is one entry of a table (region index -> ``RegionHandler``: size, read, write).
+``region_read``/``region_write`` check the range once and call the entry, so a guest read of
+BAR 4 goes from the server to ``ShmemAccess.read`` with nothing in between; the rare access
+that is out of range is clipped to the region and padded with zeros.
 
 Register accesses of any width are accepted: a write is merged byte-wise into each register
 it touches and applied as a full-width write, so the driver's natural-width accesses and a
@@ -19,21 +24,16 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from emulator.errors import ConfigError
 from emulator.pci.config import PciCapId, PciCommand, PciConfigSpace, PciReg
-from emulator.pci.device import IrqIndex, RegionAccess, RegionIndex, RegionInfo
-from emulator.pci.interrupts import MsixVectors
+from emulator.pci.device import NUM_REGIONS, IrqIndex, RegionAccess, RegionIndex, RegionInfo
+from emulator.pci.interrupts import IrqEventfds
 from emulator.virtio.device import VirtioDevice
-from emulator.virtio.state import (
-    NO_VECTOR,
-    VirtioDeviceId,
-    VirtioFeature,
-    VirtioState,
-    bit,
-)
+from emulator.virtio.state import NO_VECTOR, UNSUPPORTED_FEATURES, VirtioDeviceId, VirtioState
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +129,6 @@ class Isr(enum.IntFlag):
     DEVICE_CONFIG = 2
 
 
-TRANSPORT_UNSUPPORTED = (
-    bit(VirtioFeature.SR_IOV) | bit(VirtioFeature.RING_RESET) | bit(VirtioFeature.ADMIN_VQ)
-)
-"""Transport features this transport cannot honour, removed from what the back-end offers."""
-
 # Class codes QEMU gives its virtio-pci devices (base class, subclass, prog-if).
 CLASS_CODES: dict[int, int] = {
     VirtioDeviceId.NET: 0x020000,
@@ -182,6 +177,52 @@ class ShmemAccess(Protocol):
     def write(self, bar_offset: int, data: bytes) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class RegionHandler:
+    """One region of the device: its size and what serves accesses inside it.
+
+    ``read(offset, size)`` and ``write(offset, data)`` only ever see ``0 <= offset`` and
+    ``offset + size <= self.size`` with ``size > 0``: ``VirtioPciDevice`` checks first.
+    """
+
+    size: int
+    read: Callable[[int, int], bytes]
+    write: Callable[[int, bytes], None]
+
+
+def _read_nothing(offset: int, size: int) -> bytes:
+    return bytes(size)
+
+
+def _write_nothing(offset: int, data: bytes) -> None:
+    logger.debug("write %d@%#x to a region with nothing behind it dropped", len(data), offset)
+
+
+ABSENT_REGION = RegionHandler(0, _read_nothing, _write_nothing)
+"""A region the device does not have (size 0): every access is out of range."""
+
+
+def _clipped_read(region: RegionHandler, offset: int, size: int) -> bytes:
+    """A read that is empty or not inside ``region``: the inside part, zeros elsewhere."""
+    if size <= 0:
+        return b""
+    low, high = max(offset, 0), min(offset + size, region.size)
+    if low >= high:
+        return bytes(size)
+    out = bytearray(size)
+    out[low - offset : high - offset] = region.read(low, high - low)
+    return bytes(out)
+
+
+def _clipped_write(region: RegionHandler, index: int, offset: int, data: bytes) -> None:
+    """A write that is empty or not inside ``region``: the inside part lands, the rest drops."""
+    low, high = max(offset, 0), min(offset + len(data), region.size)
+    if low < high:
+        region.write(low, data[low - offset : high - offset])
+    elif data:
+        logger.debug("write %d@%#x outside region %d dropped", len(data), offset, index)
+
+
 def class_code_for(virtio_id: int) -> int:
     """The PCI class code QEMU uses for this device type, else 0xff0000 (unclassified)."""
     return CLASS_CODES.get(virtio_id, PCI_CLASS_OTHERS)
@@ -228,15 +269,14 @@ class VirtioPciDevice:
         self.num_vectors = num_queues + 1
         if self.num_vectors > MSIX_MAX_VECTORS:
             raise ConfigError(f"{self.num_vectors} MSI-X vectors; at most {MSIX_MAX_VECTORS}")
-        self.msix = MsixVectors(self.num_vectors)
-        self.intx = MsixVectors(1)
+        self.msix = IrqEventfds(self.num_vectors)
+        self.intx = IrqEventfds(1)
         self.state = VirtioState(
             backend,
-            device_features=backend.device_features & ~TRANSPORT_UNSUPPORTED,
+            device_features=backend.device_features & ~UNSUPPORTED_FEATURES,
             num_vectors=self.num_vectors,
             on_needs_reset=self._raise_config_interrupt,
         )
-        self._shmem = shmem
         regions = tuple(shmem_layout.regions) if shmem_layout is not None else ()
         self._shmem_bar_size = shmem_layout.bar_size if shmem_layout and regions else 0
         self._msix_bar_size, self._pba_offset = msix_bar_layout(self.num_vectors)
@@ -260,6 +300,7 @@ class VirtioPciDevice:
         self.cap_offsets: dict[VirtioPciCapType, int] = {}
         self._add_virtio_caps(regions)
         self.config.seal()
+        self._regions = self._region_table(shmem)
 
         # Transport registers that are not part of VirtioState.
         self._device_feature_select = 0
@@ -270,6 +311,24 @@ class VirtioPciDevice:
         self._pending_kicks: set[int] = set()
 
     # Construction
+
+    def _region_table(self, shmem: ShmemAccess | None) -> tuple[RegionHandler, ...]:
+        """Region index -> handler, for every VFIO region index; absent ones have size 0."""
+        table = [ABSENT_REGION] * NUM_REGIONS
+        table[MSIX_BAR] = RegionHandler(self._msix_bar_size, self._msix_read, self._msix_write)
+        table[VIRTIO_BAR] = RegionHandler(VIRTIO_BAR_SIZE, self._split_read, self._split_write)
+        if self._shmem_bar_size:
+            # The shared-memory BAR's own read and write: nothing of ours on that path.
+            # (``is None``: a SharedMemoryBar with no live mapping is falsy, it has __len__.)
+            if shmem is not None:
+                handler = RegionHandler(self._shmem_bar_size, shmem.read, shmem.write)
+            else:
+                handler = RegionHandler(self._shmem_bar_size, _read_nothing, _write_nothing)
+            table[SHMEM_BAR] = handler
+        table[RegionIndex.CONFIG] = RegionHandler(
+            CONFIG_REGION_SIZE, self._config_read, self._config_write
+        )
+        return tuple(table)
 
     def _reset_msix_table(self) -> None:
         """Every entry starts masked (Vector Control bit 0), as after a PCI reset."""
@@ -356,35 +415,22 @@ class VirtioPciDevice:
     # PciDevice
 
     def region_info(self, index: int) -> RegionInfo:
-        size = self._region_size(index)
+        size = self._regions[index].size if 0 <= index < NUM_REGIONS else 0
         access = RegionAccess.READ | RegionAccess.WRITE if size else RegionAccess.NONE
         return RegionInfo(index=index, size=size, access=access)
 
-    def _region_size(self, index: int) -> int:
-        if index == RegionIndex.CONFIG:
-            return CONFIG_REGION_SIZE
-        if index == MSIX_BAR:
-            return self._msix_bar_size
-        if index == VIRTIO_BAR:
-            return VIRTIO_BAR_SIZE
-        if index == SHMEM_BAR:
-            return self._shmem_bar_size
-        return 0
-
     def region_read(self, index: int, offset: int, size: int) -> bytes:
-        if size <= 0:
-            return b""
-        if index == RegionIndex.CONFIG:
-            return self._config_read(offset, size)
-        return self._bar_read(index, offset, size)
+        region = self._regions[index] if 0 <= index < NUM_REGIONS else ABSENT_REGION
+        if size > 0 and 0 <= offset <= region.size - size:
+            return region.read(offset, size)
+        return _clipped_read(region, offset, size)
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
-        if not data:
-            return
-        if index == RegionIndex.CONFIG:
-            self._config_write(offset, data)
+        region = self._regions[index] if 0 <= index < NUM_REGIONS else ABSENT_REGION
+        if data and 0 <= offset <= region.size - len(data):
+            region.write(offset, data)
         else:
-            self._bar_write(index, offset, data)
+            _clipped_write(region, index, offset, data)
 
     def irq_count(self, index: int) -> int:
         if index == IrqIndex.MSIX:
@@ -399,6 +445,14 @@ class VirtioPciDevice:
         self._reset_virtio()
         self.config.reset()
         self._reset_msix_table()
+
+    def close(self) -> None:
+        """Close the interrupt eventfds this device holds (``msix``, ``intx``). Idempotent.
+
+        The shared-memory BAR and the ``VirtioDevice`` were handed in; their owner closes them.
+        """
+        self.msix.close()
+        self.intx.close()
 
     # Events from the back-end side
 
@@ -465,7 +519,8 @@ class VirtioPciDevice:
         )
 
     def _window_usable(self, bar: int, bar_offset: int, length: int) -> bool:
-        if length not in (1, 2, 4) or bar_offset % length:
+        """The window reaches BARs only (never this config space), with an aligned 1, 2 or 4."""
+        if bar > RegionIndex.BAR5 or length not in (1, 2, 4) or bar_offset % length:
             logger.debug("PCI cfg window %d@%#x in BAR %d ignored", length, bar_offset, bar)
             return False
         return True
@@ -475,7 +530,7 @@ class VirtioPciDevice:
         if offset < data_off + 4 and data_off < offset + size:
             value = b""
             if self._window_usable(bar, bar_offset, length):
-                value = self._bar_read(bar, bar_offset, length)
+                value = self.region_read(bar, bar_offset, length)
             self.config.set_bytes(data_off, value.ljust(4, b"\0"))
         return self.config.read(offset, size)
 
@@ -486,28 +541,9 @@ class VirtioPciDevice:
         data_off, bar, bar_offset, length = self._cfg_window()
         touched = offset < data_off + 4 and data_off < offset + len(data)
         if touched and self._window_usable(bar, bar_offset, length):
-            self._bar_write(bar, bar_offset, self.config.read(data_off, length))
+            self.region_write(bar, bar_offset, self.config.read(data_off, length))
 
-    # BAR dispatch
-
-    def _bar_read(self, index: int, offset: int, size: int) -> bytes:
-        if index == VIRTIO_BAR:
-            return self._split_read(offset, size)
-        if index == MSIX_BAR:
-            return self._msix_read(offset, size)
-        if index == SHMEM_BAR:
-            return self._shmem_read(offset, size)
-        return bytes(size)
-
-    def _bar_write(self, index: int, offset: int, data: bytes) -> None:
-        if index == VIRTIO_BAR:
-            self._split_write(offset, data)
-        elif index == MSIX_BAR:
-            self._msix_write(offset, data)
-        elif index == SHMEM_BAR:
-            self._shmem_write(offset, data)
-        else:
-            logger.debug("write to absent region %d dropped", index)
+    # Virtio structures (BAR 2)
 
     def _split_read(self, offset: int, size: int) -> bytes:
         """Serve a BAR 2 read piece by piece, one 4 KiB structure at a time."""
@@ -531,9 +567,6 @@ class VirtioPciDevice:
         return bytes(out)
 
     def _split_write(self, offset: int, data: bytes) -> None:
-        if offset < 0 or offset + len(data) > VIRTIO_BAR_SIZE:
-            logger.debug("BAR 2 write %d@%#x out of range dropped", len(data), offset)
-            return
         base = offset - offset % SUBREGION_SIZE
         if offset + len(data) > base + SUBREGION_SIZE:
             logger.debug("BAR 2 write %d@%#x crosses structures; dropped", len(data), offset)
@@ -729,18 +762,3 @@ class VirtioPciDevice:
             pos = offset + i
             if 0 <= pos < table_end:
                 self._msix_table[pos] = value
-
-    # Shared memory (BAR 4)
-
-    def _shmem_read(self, offset: int, size: int) -> bytes:
-        end = min(offset + size, self._shmem_bar_size)
-        if offset < 0 or offset >= end or self._shmem is None:
-            return bytes(size)
-        return self._shmem.read(offset, end - offset).ljust(size, b"\0")[:size]
-
-    def _shmem_write(self, offset: int, data: bytes) -> None:
-        end = min(offset + len(data), self._shmem_bar_size)
-        if offset < 0 or offset >= end or self._shmem is None:
-            logger.debug("shared memory write %d@%#x outside BAR 4 dropped", len(data), offset)
-            return
-        self._shmem.write(offset, data[: end - offset])

@@ -28,7 +28,7 @@ from emulator.pci.device import (
     RegionAccess,
     RegionInfo,
 )
-from emulator.pci.interrupts import MsixVectors
+from emulator.pci.interrupts import IrqEventfds
 from emulator.trace import Tracer
 from emulator.vfio_user import messages as m
 from emulator.vfio_user.codec import Decoder, Message, Role, encode, error_reply_for
@@ -93,11 +93,11 @@ class VfioUserServer:
         self._decoder: Decoder | None = None
         self._negotiated = False
         self._max_data_xfer = m.DEFAULT_MAX_DATA_XFER_SIZE
-        self._irqs: dict[int, MsixVectors] = {
+        self._irqs: dict[int, IrqEventfds] = {
             IrqIndex.MSIX: device.msix,
             IrqIndex.INTX: device.intx,
-            IrqIndex.ERR: MsixVectors(1),
-            IrqIndex.REQ: MsixVectors(1),
+            IrqIndex.ERR: IrqEventfds(1),
+            IrqIndex.REQ: IrqEventfds(1),
         }
         # Region sizes and permissions never change after the device is built.
         self._region_infos = tuple(device.region_info(index) for index in range(NUM_REGIONS))
@@ -430,7 +430,7 @@ class VfioUserServer:
         return message.reply()
 
     def _apply_irq_set(
-        self, vectors: MsixVectors, request: m.SetIrqs, fds: tuple[int, ...]
+        self, vectors: IrqEventfds, request: m.SetIrqs, fds: tuple[int, ...]
     ) -> None:
         flags = m.IrqSetFlags(request.flags)
         start, count = request.start, request.count

@@ -31,10 +31,11 @@ from emulator.config import EmulatorConfig
 from emulator.errors import BackendFailure, ConfigError, EmulatorError
 from emulator.loop import EventLoop
 from emulator.memory import GuestMemory
-from emulator.pci.interrupts import MsixVectors
+from emulator.pci.interrupts import IrqEventfds
 from emulator.shmem import MappingRefused, SharedMemoryBar, ShmemLayout
 from emulator.trace import Tracer
 from emulator.virtio.device import QueueConfig
+from emulator.virtio.state import UNSUPPORTED_FEATURES
 from vhost_user.codec import (
     Channel,
     Decoder,
@@ -76,10 +77,6 @@ WANTED_PROTOCOL_FEATURES = (
     PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.BACKEND_SEND_FD | PF.CONFIG | PF.RESET_DEVICE
 )
 PROTOCOL_FEATURES_BIT = 1 << VHOST_USER_F_PROTOCOL_FEATURES
-#: Transport features this front-end cannot pass through: notification data needs us to
-#: forward the written value, ring reset needs per-queue reset messages, and the IOMMU
-#: platform feature needs IOTLB messages.
-UNSUPPORTED_FEATURES = (1 << 38) | (1 << 40) | (1 << 33)
 RECONNECT_INTERVAL = 1.0
 #: The addresses in SET_MEM_TABLE (userspace_addr) and SET_VRING_ADDR are ours to choose: the
 #: back-end only translates ring addresses through the table. We use GPA + this base, not where
@@ -95,7 +92,7 @@ _P = TypeVar("_P", bound=Payload)
 class TransportDevice(Protocol):
     """What the front-end needs from the virtio transport (``VirtioPciDevice``)."""
 
-    msix: MsixVectors
+    msix: IrqEventfds
 
     def config_changed(self) -> None: ...
 

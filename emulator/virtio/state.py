@@ -113,6 +113,18 @@ def bit(feature: int) -> int:
     return 1 << feature
 
 
+UNSUPPORTED_FEATURES = (
+    bit(VirtioFeature.ACCESS_PLATFORM)  # needs a vIOMMU: vhost-user IOTLB messages
+    | bit(VirtioFeature.SR_IOV)  # no SR-IOV capability in our config space
+    | bit(VirtioFeature.NOTIFICATION_DATA)  # the notify write's value is not forwarded
+    | bit(VirtioFeature.RING_RESET)  # no queue_reset register, no per-queue reset message
+    | bit(VirtioFeature.ADMIN_VQ)  # no administration virtqueue
+)
+"""Reserved features this emulator cannot honour, whatever the device offers: the transport
+removes them from every ``VirtioDevice``'s offer, and the vhost-user front-end from the
+back-end's before it reports them."""
+
+
 @dataclass(slots=True)
 class QueueState:
     """The driver's view of one virtqueue before and after activation."""

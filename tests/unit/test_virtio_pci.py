@@ -384,7 +384,22 @@ def test_pba_reads_pending_bits() -> None:
     dev.msix.set_masked(2, 1, True)
     assert not dev.msix.trigger(2)
     assert dev.region_read(1, 0x800, 8) == (0b100).to_bytes(8, "little")
-    dev.msix.close()
+    dev.close()
+
+
+def test_close_closes_every_interrupt_eventfd_once() -> None:
+    dev, _ = make()
+    before = len(os.listdir("/proc/self/fd"))
+    msix, [intx] = eventfds(3), eventfds(1)
+    dev.msix.set_eventfds(0, msix)
+    dev.intx.set_eventfds(0, [intx])
+    for fd in [*msix, intx]:
+        os.close(fd)  # lent: the device keeps its own dups
+    assert len(os.listdir("/proc/self/fd")) == before + 4
+    dev.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+    dev.close()
+    assert dev.msix.eventfd(0) is None and dev.intx.eventfd(0) is None
 
 
 # The Linux bring-up sequence
@@ -501,7 +516,7 @@ def test_isr_is_read_to_clear_and_config_change_raises_msix_config_vector() -> N
     dev.queue_interrupt(0)
     assert fired(fds[1]) == 1
     assert drv.read_isr() == 1
-    dev.msix.close()
+    dev.close()
 
 
 def test_config_change_without_msix_uses_intx() -> None:
@@ -518,7 +533,7 @@ def test_config_change_without_msix_uses_intx() -> None:
     dev.config_changed()
     assert fired(intx) == 0
     assert drv.read_isr() == 2
-    dev.intx.close()
+    dev.close()
 
 
 def test_msix_enable_bit_in_config_space_selects_msix() -> None:
@@ -532,7 +547,7 @@ def test_msix_enable_bit_in_config_space_selects_msix() -> None:
     assert drv.cfg(dev.msix_cap + 2, 2) == 0x8002
     dev.config_changed()  # msix_config is NO_VECTOR: no interrupt at all
     assert fired(intx) == 0
-    dev.intx.close()
+    dev.close()
 
 
 def test_driver_reset_deactivates_and_clears_state() -> None:
@@ -577,7 +592,7 @@ def test_activate_failure_sets_needs_reset_and_interrupts() -> None:
     drv.reset()
     assert backend.deactivations == 0  # never became active
     assert drv.get_status() == 0
-    dev.msix.close()
+    dev.close()
 
 
 def test_set_needs_reset_from_back_end() -> None:
@@ -808,6 +823,19 @@ def test_pci_cfg_window_reads_shared_memory() -> None:
     assert drv.cfg32(cap.pos + 16) == 0x5A5A5A5A
 
 
+def test_pci_cfg_window_never_reaches_config_space() -> None:
+    dev, _ = make()
+    drv = Driver(dev)
+    cap = drv.cap(VirtioPciCapType.PCI_CFG)
+    drv.cfg_write(cap.pos + 4, RegionIndex.CONFIG, 1)
+    drv.cfg_write(cap.pos + 8, PciReg.COMMAND, 4)
+    drv.cfg_write(cap.pos + 12, 2, 4)
+    command = drv.cfg(PciReg.COMMAND, 2)
+    assert drv.cfg(cap.pos + 16, 2) == 0
+    drv.cfg_write(cap.pos + 16, command ^ PciCommand.MEMORY, 2)
+    assert drv.cfg(PciReg.COMMAND, 2) == command
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     index=st.integers(0, 8),
@@ -868,6 +896,20 @@ def test_shared_memory_bar_forwards_unchanged_and_clips() -> None:
     assert shmem.writes[-1] == (4 * MiB - 2, b"wx")
     assert dev.region_read(4, 4 * MiB - 2, 4) == b"wx\0\0"
     assert dev.region_read(4, 4 * MiB, 4) == bytes(4)
+
+
+def test_shared_memory_bar_is_used_even_when_it_is_falsy() -> None:
+    """SharedMemoryBar has ``__len__`` (live mappings): with none it is falsy, not absent."""
+
+    class EmptyShmem(FakeShmem):
+        def __len__(self) -> int:
+            return 0
+
+    shmem = EmptyShmem(bytearray(b"mapped!!" * 8))
+    dev, _ = make(layout=Layout(0x1000, (Region(0, 0, 0x1000),)), shmem=shmem)
+    assert dev.region_read(4, 0, 8) == b"mapped!!"
+    dev.region_write(4, 8, b"written!")
+    assert shmem.writes == [(8, b"written!")]
 
 
 def test_no_shared_memory_bar_without_regions() -> None:
