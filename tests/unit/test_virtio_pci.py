@@ -39,7 +39,7 @@ F_DEVICE_BIT0 = 1 << 0
 
 
 @dataclass
-class FakeBackend:
+class FakeDevice:
     """Records every call; ``fail_activate`` simulates a back-end that went away."""
 
     virtio_id: int = VirtioDeviceId.FS
@@ -256,11 +256,11 @@ class Driver:
 
 
 def make(
-    backend: FakeBackend | None = None,
+    backend: FakeDevice | None = None,
     layout: Layout | ShmemLayout | None = None,
     shmem: FakeShmem | None = None,
-) -> tuple[VirtioPciDevice, FakeBackend]:
-    backend = backend or FakeBackend()
+) -> tuple[VirtioPciDevice, FakeDevice]:
+    backend = backend or FakeDevice()
     return VirtioPciDevice(backend, shmem_layout=layout, shmem=shmem), backend
 
 
@@ -425,7 +425,7 @@ def test_linux_probe_finds_every_structure() -> None:
 
 
 def test_no_device_cfg_cap_without_device_config() -> None:
-    dev, _ = make(FakeBackend(config_size=0, config=bytearray()))
+    dev, _ = make(FakeDevice(config_size=0, config=bytearray()))
     drv = Driver(dev)
     assert VirtioPciCapType.DEVICE_CFG not in {cap.cfg_type for cap in drv.caps}
 
@@ -581,7 +581,7 @@ def test_function_reset_restores_config_space_and_deactivates() -> None:
 
 
 def test_activate_failure_sets_needs_reset_and_interrupts() -> None:
-    dev, backend = make(FakeBackend(fail_activate=True))
+    dev, backend = make(FakeDevice(fail_activate=True))
     drv = Driver(dev)
     fds = eventfds(3)
     dev.msix.set_eventfds(0, fds)
