@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from emulator.vhost_frontend import frontend
+from emulator.vhost_frontend import connection
 from tests.fuzz import campaign
 
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large]
@@ -40,7 +40,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 @pytest.fixture(autouse=True)
 def fast_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
     """The front-end retries a lost back-end after 1 s; fuzzing drops it on purpose often."""
-    monkeypatch.setattr(frontend, "RECONNECT_INTERVAL", 0.01)
+    monkeypatch.setattr(connection, "RECONNECT_INTERVAL", 0.01)
 
 
 @pytest.fixture

@@ -1,0 +1,130 @@
+"""One vhost-user socket and its decoder: the I/O boundary both rooms share.
+
+Every message the front-end receives or sends passes through a ``MessageStream`` exactly once,
+so this is where the one DEBUG line per message is written (``--> NAME size=.. nfds=..`` for a
+message in, ``<-- NAME ...`` for one out, on the room's logger) and the ``--trace`` record
+(channel ``vhost-user-frontend`` or ``vhost-user-backend``). The stream knows nothing of the
+event loop, of waiting, or of what a message means.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from emulator.trace import Tracer
+from vhost_user.codec import HEADER_SIZE, Channel, Decoder, VhostUserMessage, encode
+from wire.errors import DecodeError, TransportError
+from wire.unix import close_fds, recv_with_fds, send_with_fds
+
+
+class MessageStream:
+    """``sock`` with the decoder for what arrives on it; owns and closes both."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        channel: Channel,
+        *,
+        expect_replies: bool,
+        tracer: Tracer,
+        log: logging.Logger,
+    ) -> None:
+        self.sock = sock
+        self.decoder = Decoder(channel, expect_replies=expect_replies)
+        self.tracer = tracer
+        self.log = log
+        self._trace_channel = f"vhost-user-{channel.value}"
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        """Close the socket and every fd received but not handed out with a message."""
+        self.decoder.close()
+        self.sock.close()
+
+    # -- in --------------------------------------------------------------------------------
+
+    def receive(self, *, nonblocking: bool = False) -> bool:
+        """Read at most what completes the next header or body, and feed it to the decoder.
+
+        False when nothing was waiting. Raises ``TransportError`` when the peer is gone (end of
+        stream or a socket error) and ``RemoteProtocolError`` when the framing is lost.
+        """
+        try:
+            data, fds = recv_with_fds(
+                self.sock, max(self.decoder.bytes_needed(), 1), nonblocking=nonblocking
+            )
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise TransportError(str(exc)) from exc
+        if not data:
+            close_fds(fds)
+            raise TransportError("end of stream")
+        self.decoder.feed(data, fds)
+        return True
+
+    def next_message(self) -> VhostUserMessage | None:
+        """The next complete message (logged and traced), or None if more bytes are needed.
+
+        Raises the decoder's ``DecodeError`` (``fatal`` or not) for what it refused.
+        """
+        message = self.decoder.next_message()
+        if message is None:
+            return None
+        self._log("-->", message, None)
+        if self.tracer.enabled:
+            self.tracer.record(
+                self._trace_channel,
+                "in",
+                message.request.name,
+                nfds=len(message.fds),
+                payload=message.payload,
+            )
+        return message
+
+    def record_rejected(self, exc: DecodeError) -> None:
+        """Trace a message the decoder refused (it never became a message to log)."""
+        self.log.debug("--> invalid request %s: %s", exc.request, exc)
+        if self.tracer.enabled:
+            self.tracer.record(self._trace_channel, "in", f"invalid:{exc.request}", error=exc.errno)
+
+    # -- out -------------------------------------------------------------------------------
+
+    def send(self, message: VhostUserMessage) -> None:
+        """Encode and send ``message``; its fds are lent (sent, not closed).
+
+        Raises ``TransportError`` when the socket refuses (peer gone, send timeout).
+        """
+        data, fds = encode(message)
+        self._log("<--", message, len(data))
+        if self.tracer.enabled:
+            self.tracer.record(
+                self._trace_channel,
+                "out",
+                message.request.name,
+                size=len(data),
+                nfds=len(fds),
+                payload=message.payload,
+            )
+        self.send_bytes(data, fds)
+
+    def send_bytes(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        """Send bytes already encoded (the caller logs them); raises ``TransportError``."""
+        try:
+            send_with_fds(self.sock, data, fds)
+        except OSError as exc:
+            raise TransportError(str(exc)) from exc
+
+    def _log(self, arrow: str, message: VhostUserMessage, size: int | None) -> None:
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug(
+                "%s %s%s size=%d nfds=%d",
+                arrow,
+                message.request.name,
+                " reply" if message.is_reply else "",
+                size if size is not None else HEADER_SIZE + len(message.payload.pack()),
+                len(message.fds),
+            )
