@@ -27,6 +27,7 @@ from emulator.vfio_user import messages as vm
 from emulator.vfio_user.codec import DecodeError
 from emulator.vhost_frontend.frontend import VhostUserFrontend
 from emulator.virtio.device import QueueConfig
+from testkit.procfs import fd_count, fd_table
 from tests.fuzz.invariants import (
     InvariantBroken,
     ModelMapping,
@@ -55,8 +56,6 @@ from tests.fuzz.rig import (
     ScriptedBackend,
     connect_client,
     emulator_config,
-    fd_count,
-    fd_table,
     make_backing,
     mmap_request,
     read_channel_reply,

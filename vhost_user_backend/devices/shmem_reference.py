@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import socketserver
 import sys
 import threading
@@ -339,6 +340,88 @@ class _ControlHandler(socketserver.StreamRequestHandler):
                 reply = handle_command(self.server.device, req)
             self.wfile.write(json.dumps(reply).encode() + b"\n")
             self.wfile.flush()
+
+
+class ControlRefused(DaemonError):
+    """A control command that had to succeed got ``{"ok": false, ...}``; ``reply`` is that."""
+
+    def __init__(self, cmd: str, fields: dict[str, Any], reply: dict[str, Any]) -> None:
+        super().__init__(f"control command {cmd} {fields} refused: {reply}")
+        self.reply = reply
+
+
+class ControlClient:
+    """The client side of the control socket: one request line, one reply line.
+
+    ``client("map", shmid=0, ...)`` returns the reply as it is; ``client.ok(...)`` raises
+    ``ControlRefused`` unless it says ``"ok": true``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(os.fspath(path))
+        except OSError:
+            self.sock.close()
+            raise
+        self._file = self.sock.makefile("rwb")
+
+    def __call__(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        self._file.write(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
+        self._file.flush()
+        line = self._file.readline()
+        if not line:
+            raise ConnectionError(f"control socket closed while waiting for the {cmd} reply")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def ok(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        """A command that must succeed."""
+        reply = self(cmd, **fields)
+        if reply.get("ok") is not True:
+            raise ControlRefused(cmd, fields, reply)
+        return reply
+
+    def map(
+        self,
+        shmid: int,
+        shm_offset: int,
+        length: int,
+        *,
+        pattern: str = "counter",
+        seed: int = 0,
+        writable: bool = False,
+    ) -> dict[str, Any]:
+        return self(
+            "map",
+            shmid=shmid,
+            shm_offset=shm_offset,
+            length=length,
+            pattern=pattern,
+            seed=seed,
+            writable=writable,
+        )
+
+    def unmap(self, shmid: int, shm_offset: int, length: int) -> dict[str, Any]:
+        return self("unmap", shmid=shmid, shm_offset=shm_offset, length=length)
+
+    def read(self, shmid: int, shm_offset: int, length: int, offset: int = 0) -> bytes:
+        reply = self.ok("read", shmid=shmid, shm_offset=shm_offset, length=length, offset=offset)
+        return bytes.fromhex(reply["data"])
+
+    def status(self) -> dict[str, Any]:
+        return self.ok("status")
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
