@@ -297,13 +297,18 @@ class ProcessGroup:
         """Run ``fn`` after every process stopped (closing clients, removing directories)."""
         self._last.callback(fn)
 
-    def enter_first(self, cm: contextlib.AbstractContextManager[T]) -> T:
-        """Enter ``cm`` now and exit it before any process stops (a guest's ``boot``)."""
+    def enter_first(
+        self,
+        cm: contextlib.AbstractContextManager[T],
+        check: Callable[[T], str | None] | None = None,
+    ) -> T:
+        """Enter ``cm`` now and exit it before any process stops (a guest's ``boot``); then
+        ``check(value)`` says what was not clean about it, if anything."""
         value = cm.__enter__()
 
         def close() -> str | None:
             cm.__exit__(None, None, None)
-            return None
+            return None if check is None else check(value)
 
         self.first(close)
         return value
