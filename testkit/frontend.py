@@ -13,7 +13,6 @@ emulator would::
 from __future__ import annotations
 
 import mmap
-import os
 import socket
 import threading
 import time
@@ -29,7 +28,7 @@ from vhost_user.messages import (
     VhostUserU64,
 )
 from wire.errors import TransportError
-from wire.unix import recv_with_fds, send_with_fds
+from wire.unix import connect_unix, recv_with_fds, send_with_fds
 
 #: Requests whose reply comes whether or not REPLY_ACK was asked for.
 _ANSWERED = frozenset(
@@ -49,13 +48,7 @@ class LockstepFrontend:
     """Send one request, read exactly one reply. The fds passed stay the caller's."""
 
     def __init__(self, path: str | Path, timeout: float = 5.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(os.fspath(path))
-        except OSError:
-            self.sock.close()
-            raise
+        self.sock = connect_unix(path, timeout)
         self.decoder = Decoder(Channel.FRONTEND, expect_replies=True)
 
     def send(self, msg: VhostUserMessage) -> None:

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm.third_party import DISK_BYTES, MARKER, share_and_disk
 from vm.guest import Guest
 from vm.scenario import BlockBackend, Scenario, VirtiofsdBackend
 from vm.toolchain import Toolchain
 
 pytestmark = pytest.mark.vm
-
-DISK_BYTES = 8 << 20
-MARKER = b"virtio-emu block marker\n"
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +23,7 @@ def backend_guest(
     toolchain: Toolchain, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Guest, Path, Path]]:
     work = tmp_path_factory.mktemp("backends")
-    shared = work / "shared"
-    shared.mkdir()
-    (shared / "hello.txt").write_text("hello from the host\n")
-    disk = work / "disk.raw"
-    with open(disk, "wb") as f:
-        f.write(MARKER)
-        f.truncate(DISK_BYTES)
+    shared, disk = share_and_disk(work)
     with Scenario.open("backends", toolchain, work) as sc:
         # QEMU's own devices: vhost-user-fs-pci (tag hostshare) and vhost-user-blk-pci.
         sc.add_device(VirtiofsdBackend(shared), "qemu")

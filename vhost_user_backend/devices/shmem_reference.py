@@ -14,6 +14,8 @@ control socket speaking JSON lines::
 
 Each reply is one line: ``{"ok": true, ...}`` or ``{"ok": false, "error": "...", "code": N}``
 (``code`` is the front-end's status for refused SHMEM requests, else an errno).
+``ControlClient`` is the client side of this protocol (tests, the benchmarks and ``vm.scenario``
+use it through ``testkit``).
 
 Patterns and checksums are the guest tools' own (``vguest.pattern``), so what the guest
 verifies with ``vguest verify`` is byte for byte what the back-end wrote: "counter" is
@@ -32,7 +34,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import socketserver
 import sys
 import threading
@@ -52,6 +53,7 @@ from vhost_user_backend.daemon import (
 from vhost_user_backend.errors import DaemonError, DeviceConfigError, FrontendRefused
 from vhost_user_backend.vring import Vring
 from wire.errors import StateError, WireError
+from wire.unix import connect_unix
 
 log = logging.getLogger(__name__)
 
@@ -358,13 +360,7 @@ class ControlClient:
     """
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(os.fspath(path))
-        except OSError:
-            self.sock.close()
-            raise
+        self.sock = connect_unix(path, timeout)
         self._file = self.sock.makefile("rwb")
 
     def __call__(self, cmd: str, **fields: Any) -> dict[str, Any]:
