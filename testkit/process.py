@@ -261,8 +261,9 @@ class ProcessGroup:
     stops with SIGTERM in reverse start order; then the ``callback()`` clean-ups run.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, stop_timeout: float = STOP_TIMEOUT) -> None:
         self.workdir = workdir
+        self.stop_timeout = stop_timeout
         self.processes: list[Process] = []
         self._first: list[Callable[[], str | None]] = []
         self._last = contextlib.ExitStack()
@@ -326,7 +327,7 @@ class ProcessGroup:
                     problems.append(problem)
             for proc in reversed(self.processes):
                 if proc.returncode is None:  # running, or ended by itself: check how
-                    proc.stop(check=False)
+                    proc.stop(self.stop_timeout, check=False)
                     log.info("%s exited with %s", proc.name, proc.returncode)
                 if proc.unclean is not None:
                     problems.append(f"{proc.name}: {proc.unclean}\n{proc.tail(20)}")
