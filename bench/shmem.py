@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench.procs import emulator_process, memfd, shmem_backend, wait_negotiated, workdir
 from bench.report import Report
+from testkit.procfs import fd_count, rss_kib, vma_count
 from vhost_user_backend.daemon import VhostUserDaemon
 
 log = logging.getLogger(__name__)
@@ -183,9 +184,9 @@ def _scale_once(
         wait_negotiated(backend)
         fd = memfd(region, "scale")
         try:
-            base["rss"].append(emu.rss_kib())
-            base["fds"].append(emu.fd_count())
-            base["vmas"].append(emu.vma_count())
+            base["rss"].append(rss_kib(emu.pid))
+            base["fds"].append(fd_count(emu.pid))
+            base["vmas"].append(vma_count(emu.pid))
 
             def map_slot(slot: int) -> None:
                 backend.shmem_map(0, fd, slot * PAGE, slot * PAGE, PAGE, writable=True)
@@ -200,9 +201,9 @@ def _scale_once(
                 live = size
                 data = per_size[size]
                 data["fill"].extend(fill)
-                data["rss"].append(emu.rss_kib())
-                data["fds"].append(emu.fd_count())
-                data["vmas"].append(emu.vma_count())
+                data["rss"].append(rss_kib(emu.pid))
+                data["fds"].append(fd_count(emu.pid))
+                data["vmas"].append(vma_count(emu.pid))
                 for _ in range(probes):
                     slot = rng.randrange(size)
                     data["unmap"].append(_timed(partial(unmap_slot, slot)))

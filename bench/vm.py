@@ -27,11 +27,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, cast
 
-from bench.procs import emulator_process, shmem_backend, wait_negotiated, workdir
+from bench.procs import shmem_backend, wait_negotiated, workdir
 from bench.report import Report
 from bench.shmem import ROUND_TRIP_REGION, record_round_trips, round_trips
+from testkit import ProcessGroup, start_emulator
+from testkit.procfs import cpu_seconds
 from vm.guest import Guest
-from vm.scenario import Backend, BlockBackend, Scenario, ShmemBackend
+from vm.scenario import Backend, BlockBackend, Scenario, ShmemBackend, qemu_exit_problem
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +113,18 @@ def run_shmem_boot(report: Report, counts: VmCounts) -> None:
         native_sock, ours_sock = wd / "native.sock", wd / "ours.sock"
         _, native = stack.enter_context(shmem_backend(native_sock, [(0, ROUND_TRIP_REGION)]))
         _, ours = stack.enter_context(shmem_backend(ours_sock, [(0, ROUND_TRIP_REGION)]))
-        emu = stack.enter_context(
-            emulator_process(wd, ["--virtio-id", "4", "--vhost-user-socket", str(ours_sock)])
-        )
+        # Teardown order is the group's: the guest powers off (QEMU exits) before the emulator
+        # stops, and the back-ends (entered above) stop last.
+        group = stack.enter_context(ProcessGroup(wd).running())
+        emu = start_emulator(
+            group,
+            wd / "emulator.sock",
+            "--virtio-id", "4", "--vhost-user-socket", str(ours_sock),
+            log_file=True,
+        )  # fmt: skip
         vfio = {
             "driver": "vfio-user-pci",
-            "socket": {"type": "unix", "path": str(emu.socket)},
+            "socket": {"type": "unix", "path": str(emu.path)},
             "addr": "0x11",
         }
         args = [
@@ -125,7 +133,9 @@ def run_shmem_boot(report: Report, counts: VmCounts) -> None:
             "-device", json.dumps(vfio),
             "-device", "edu,addr=0x12",
         ]  # fmt: skip
-        guest = stack.enter_context(Guest.boot(args, name="bench-shmem", workdir=wd / "guest"))
+        guest = group.enter_first(
+            Guest.boot(args, name="bench-shmem", workdir=wd / "guest"), check=qemu_exit_problem
+        )
         report.details["shmem_boot_seconds"] = round(guest.boot_seconds, 1)
         wait_negotiated(native)
         wait_negotiated(ours)
@@ -150,7 +160,7 @@ def run_shmem_boot(report: Report, counts: VmCounts) -> None:
         for fd in fds:
             stack.callback(os.close, fd)
         _guest_bar_bench(report, guest, counts)
-        emu_cpu = emu.cpu_seconds()
+        emu_cpu = cpu_seconds(emu.pid)
         report.details["emulator_cpu_seconds_whole_boot"] = emu_cpu
 
 

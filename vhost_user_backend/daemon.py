@@ -75,6 +75,10 @@ from wire.unix import close_fds, recv_with_fds, send_with_fds
 
 log = logging.getLogger(__name__)
 
+#: Logged (followed by the socket path) once the socket accepts a front-end; launchers wait
+#: for it (the reference device binds its control socket before this).
+LISTENING_LINE = "listening on "
+
 VIRTIO_F_VERSION_1 = 1 << 32
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -156,6 +160,7 @@ class VhostUserDaemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = threading.Event()
         self._connected = threading.Event()
+        self._channel_ready = threading.Event()
         self._connections = 0
         self._handlers: dict[FrontendReq, Callable[[VhostUserMessage], Payload | None]] = {
             FrontendReq.GET_FEATURES: self._get_features,
@@ -204,7 +209,7 @@ class VhostUserDaemon:
         self._listener = sock
         self._sel.register(sock, selectors.EVENT_READ, self._accept)
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._wake)
-        log.info("listening on %s", self.socket_path)
+        log.info("%s%s", LISTENING_LINE, self.socket_path)
 
     def serve_forever(self) -> None:
         """Run the selector loop until ``stop()``."""
@@ -232,6 +237,10 @@ class VhostUserDaemon:
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         return self._connected.wait(timeout)
+
+    def wait_backend_channel(self, timeout: float | None = None) -> bool:
+        """Wait until the front-end has set up the back-end channel (SET_BACKEND_REQ_FD)."""
+        return self._channel_ready.wait(timeout)
 
     @property
     def connected(self) -> bool:
@@ -527,6 +536,7 @@ class VhostUserDaemon:
         self._close_channel()
         with self._channel_lock:
             self._channel = sock
+        self._channel_ready.set()
 
     def _get_config(self, msg: VhostUserMessage) -> Payload:
         cfg = _payload(msg, VhostUserConfig)
@@ -598,6 +608,7 @@ class VhostUserDaemon:
 
     # -- back-end channel ---------------------------------------------------------------------
     def _close_channel(self) -> None:
+        self._channel_ready.clear()
         sock = self._channel
         if sock is not None:
             with contextlib.suppress(OSError):

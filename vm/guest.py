@@ -33,14 +33,8 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from vm.qemu import (
-    KVM_PROBE_FILE,
-    HostBinaries,
-    listening_socket,
-    machine_args,
-    select_accel,
-    set_pdeathsig,
-)
+from testkit.process import listening_socket, set_pdeathsig
+from vm.qemu import KVM_PROBE_FILE, HostBinaries, machine_args, select_accel
 from vm.toolchain import Toolchain, ensure_toolchain
 
 log = logging.getLogger(__name__)

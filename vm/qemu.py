@@ -8,15 +8,11 @@ host paths.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +20,6 @@ log = logging.getLogger(__name__)
 
 ACCEL_ENV = "VIRTIO_EMU_ACCEL"
 KVM_PROBE_FILE = "kvm-probe.json"
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,111 +63,6 @@ class HostBinaries:
 
     def virtiofsd_argv(self, *args: str) -> list[str]:
         return self._wrap("usr/libexec/virtiofsd", args)
-
-
-def set_pdeathsig() -> None:
-    """Runs in a child before exec: it dies with us even if we are SIGKILLed."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-def listening_socket(path: Path) -> socket.socket:
-    """A bound, listening UNIX socket to hand to a child as an fd.
-
-    The socket exists before the child starts, so whoever connects next needs no wait for the
-    path to appear.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(path))
-    sock.listen(1)
-    return sock
-
-
-@contextlib.contextmanager
-def daemon(
-    argv: Sequence[str],
-    log_path: Path,
-    env: dict[str, str] | None = None,
-    pass_fds: Sequence[int] = (),
-    stop_timeout: float = 10.0,
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a helper process for the length of a block; SIGTERM, then SIGKILL, on the way out."""
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            pass_fds=tuple(pass_fds),
-            preexec_fn=set_pdeathsig,  # noqa: PLW1509 -- only a prctl, no locks taken
-        )
-    log.debug("started pid %d: %s", proc.pid, " ".join(argv))
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(stop_timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
-
-
-@contextlib.contextmanager
-def virtiofsd(
-    binaries: HostBinaries,
-    socket_path: Path,
-    shared_dir: Path,
-    log_path: Path,
-    *extra_args: str,
-) -> Iterator[subprocess.Popen[bytes]]:
-    """virtiofsd serving ``shared_dir`` on ``socket_path``, namespace sandbox included.
-
-    The listening socket is made here and passed with --fd, so QEMU may connect right away.
-    """
-    listener = listening_socket(socket_path)
-    argv = binaries.virtiofsd_argv(
-        f"--fd={listener.fileno()}", f"--shared-dir={shared_dir}", *extra_args
-    )
-    try:
-        with daemon(argv, log_path, binaries.env(), pass_fds=(listener.fileno(),)) as proc:
-            listener.close()
-            yield proc
-    finally:
-        listener.close()
-
-
-@contextlib.contextmanager
-def storage_daemon_blk(
-    binaries: HostBinaries,
-    socket_path: Path,
-    image: Path,
-    log_path: Path,
-    *,
-    image_format: str = "raw",
-    writable: bool = True,
-) -> Iterator[subprocess.Popen[bytes]]:
-    """qemu-storage-daemon exporting ``image`` as a vhost-user-blk back-end (one queue).
-
-    QEMU's vhost-user-blk-pci must use ``num-queues=1`` to match the export's default.
-    """
-    listener = listening_socket(socket_path)
-    fd = listener.fileno()
-    argv = binaries.storage_daemon_argv(
-        "--blockdev", f"driver=file,node-name=file0,filename={image}",
-        "--blockdev", f"driver={image_format},node-name=disk0,file=file0",
-        "--export",
-        f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=fd,addr.str={fd},"
-        f"writable={'on' if writable else 'off'}",
-    )  # fmt: skip
-    try:
-        with daemon(argv, log_path, binaries.env(), pass_fds=(fd,)) as proc:
-            listener.close()
-            yield proc
-    finally:
-        listener.close()
 
 
 def select_accel(cache: Path, image_digest: str) -> str:

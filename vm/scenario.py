@@ -2,9 +2,11 @@
 
 Each device is a back-end plus a front-end: either our emulator (QEMU's ``vfio-user-pci``
 connects to it) or QEMU's own vhost-user device (``-chardev`` straight to the back-end), so
-the same guest checks can run against both. Everything started here stops on the way out,
-failures included, in reverse order (guest, emulators, back-ends); children also carry
-``PR_SET_PDEATHSIG`` so nothing outlives the Python process. Nothing waits by sleeping:
+the same guest checks can run against both. Processes run under ``testkit``'s
+``ProcessGroup``, which owns the teardown order: the guest powers off and QEMU exits first, then
+every process stops with SIGTERM in reverse start order, failures included; a stop that was not
+clean (killed, a bad exit status, a socket left behind) makes a clean block raise. Children
+carry ``PR_SET_PDEATHSIG`` so nothing outlives the Python process. Nothing waits by sleeping:
 back-ends that accept a listening socket get one made here; the others, and the emulator, are
 awaited on the log line that says they listen.
 
@@ -21,23 +23,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import re
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from testkit import (
+    ControlClient,
+    Process,
+    ProcessGroup,
+    listening_socket,
+    set_pdeathsig,
+    start_emulator,
+    start_shmem_backend,
+)
 from vm.guest import Guest
-from vm.qemu import HostBinaries, listening_socket, set_pdeathsig
-from vm.toolchain import REPO_ROOT, Toolchain, ensure_toolchain
+from vm.qemu import HostBinaries
+from vm.toolchain import Toolchain, ensure_toolchain
 
 log = logging.getLogger(__name__)
 
@@ -49,130 +54,6 @@ CONTROL_TIMEOUT = 60.0
 
 class ScenarioError(Exception):
     """A scenario step failed; the message names the step and carries the log tails."""
-
-
-class LoggedProcess:
-    """A child whose output goes to a log file and can be awaited line by line."""
-
-    def __init__(
-        self,
-        name: str,
-        argv: Sequence[str],
-        log_path: Path,
-        env: dict[str, str] | None = None,
-        pass_fds: Sequence[int] = (),
-    ) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.log_path = log_path
-        self.returncode: int | None = None
-        self._lines: list[str] = []
-        self._eof = False
-        self._cond = threading.Condition()
-        self._proc = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            pass_fds=tuple(pass_fds),
-            preexec_fn=set_pdeathsig,  # noqa: PLW1509 -- only a prctl, no locks taken
-        )
-        self._thread = threading.Thread(target=self._pump, name=f"log-{name}", daemon=True)
-        self._thread.start()
-        log.debug("%s: pid %d: %s", name, self._proc.pid, " ".join(self.argv))
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self._proc.poll() is None
-
-    def _pump(self) -> None:
-        assert self._proc.stdout is not None
-        with open(self.log_path, "ab") as out:
-            for raw in self._proc.stdout:
-                out.write(raw)
-                out.flush()
-                with self._cond:
-                    self._lines.append(raw.decode(errors="replace").rstrip("\n"))
-                    self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT) -> str:
-        """The first output line matching ``pattern``; fails at once if the process ends."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._cond:
-            while True:
-                for line in self._lines[seen:]:
-                    if regex.search(line):
-                        return line
-                seen = len(self._lines)
-                if self._eof:
-                    rc = self._proc.wait()
-                    raise ScenarioError(
-                        f"{self.name} exited with {rc} before logging /{pattern}/\n{self.tail()}"
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ScenarioError(
-                        f"{self.name} did not log /{pattern}/ within {timeout:.0f}s\n{self.tail()}"
-                    )
-                self._cond.wait(remaining)
-
-    def lines(self, pattern: str = "") -> list[str]:
-        regex = re.compile(pattern)
-        with self._cond:
-            return [line for line in self._lines if regex.search(line)]
-
-    def tail(self, lines: int = 40) -> str:
-        with self._cond:
-            text = self._lines[-lines:]
-        return f"--- {self.name}: {self.log_path} (last {len(text)} lines)\n" + "\n".join(text)
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s ignored SIGTERM for %.0fs; killing it", self.name, timeout)
-                self._proc.kill()
-        self.returncode = self._proc.wait()
-        self._thread.join(timeout)
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
-        return self.returncode
-
-
-class Control:
-    """Client of vhost-device-shmem's JSON-lines control socket."""
-
-    def __init__(self, path: Path, timeout: float = CONTROL_TIMEOUT) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rwb")
-
-    def __call__(self, **request: Any) -> dict[str, Any]:
-        self.file.write(json.dumps(request).encode() + b"\n")
-        self.file.flush()
-        line = self.file.readline()
-        if not line:
-            raise ScenarioError(f"control socket closed while waiting for {request}")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 # --- back-ends -------------------------------------------------------------------------------
@@ -193,7 +74,7 @@ class Backend(Protocol):
     @property
     def config_size(self) -> int: ...
 
-    def start(self, sc: Scenario, socket_path: Path) -> LoggedProcess: ...
+    def start(self, sc: Scenario, socket_path: Path) -> Process: ...
 
     def native_device(self, chardev: str) -> str:
         """QEMU's own ``-device`` for this back-end."""
@@ -213,21 +94,20 @@ class ShmemBackend:
     num_queues: int = 1
     config_size: int = 0
 
-    def start(self, sc: Scenario, socket_path: Path) -> LoggedProcess:
-        control = socket_path.with_suffix(".ctl")
-        argv = [
-            sys.executable, "-m", "vhost_user_backend.devices.shmem_reference",
-            "--socket-path", str(socket_path),
-            "--control-socket", str(control),
+    def start(self, sc: Scenario, socket_path: Path) -> Process:
+        # The control socket is bound before the vhost-user socket starts listening.
+        return start_shmem_backend(
+            sc.group,
+            socket_path,
             "--shmem-feature-bit", str(self.feature_bit),
             "--rng-source", self.rng_source,
             *(a for shmid, size in self.regions for a in ("--shmem-region", f"{shmid}:{size}")),
             *self.extra_args,
-        ]  # fmt: skip
-        proc = sc.spawn(self.label, argv)
-        # The control socket is bound before the vhost-user socket starts listening.
-        proc.wait_for(r"listening on ")
-        return proc
+            control_socket=socket_path.with_suffix(".ctl"),
+            name=self.label,
+            timeout=START_TIMEOUT,
+            log_file=True,
+        )  # fmt: skip
 
     def native_device(self, chardev: str) -> str:
         return (
@@ -248,7 +128,7 @@ class VirtiofsdBackend:
     num_queues: int = 2  # hiprio + one request queue
     config_size: int = 40  # struct virtio_fs_config: tag[36], num_request_queues
 
-    def start(self, sc: Scenario, socket_path: Path) -> LoggedProcess:
+    def start(self, sc: Scenario, socket_path: Path) -> Process:
         with contextlib.closing(listening_socket(socket_path)) as listener:
             fd = listener.fileno()
             argv = sc.binaries.virtiofsd_argv(
@@ -271,7 +151,7 @@ class BlockBackend:
     num_queues: int = 1
     config_size: int = 60  # struct virtio_blk_config up to write_zeroes_may_unmap + padding
 
-    def start(self, sc: Scenario, socket_path: Path) -> LoggedProcess:
+    def start(self, sc: Scenario, socket_path: Path) -> Process:
         with contextlib.closing(listening_socket(socket_path)) as listener:
             fd = listener.fileno()
             argv = sc.binaries.storage_daemon_argv(
@@ -298,10 +178,10 @@ class Device:
     backend: Backend
     frontend: Frontend
     vhost_socket: Path
-    backend_proc: LoggedProcess
-    emulator: LoggedProcess | None = None
+    backend_proc: Process
+    emulator: Process | None = None
     vfio_socket: Path | None = None
-    control: Control | None = None
+    control: ControlClient | None = None
 
     @property
     def pci_id(self) -> tuple[int, int]:
@@ -324,6 +204,13 @@ class Device:
         ]  # fmt: skip
 
 
+def qemu_exit_problem(guest: Guest) -> str | None:
+    """What was not clean about a guest that was closed: QEMU must have exited 0."""
+    if guest.returncode == 0:
+        return None
+    return f"QEMU exited with {guest.returncode}\n{guest.console_tail(20)}"
+
+
 @dataclass(frozen=True)
 class QemuProbe:
     """A QEMU started with ``-S`` (no guest code runs): its status, output and QMP replies."""
@@ -344,11 +231,15 @@ class Scenario:
         # UNIX socket paths are limited to 108 bytes; keep them short whatever the workdir is.
         self.sockdir = Path(tempfile.mkdtemp(prefix="sc-"))
         self.devices: list[Device] = []
-        self.processes: list[LoggedProcess] = []
+        self.group = ProcessGroup(workdir)
         self.guest: Guest | None = None
-        self._stack = contextlib.ExitStack()
-        self._stack.callback(shutil.rmtree, self.sockdir, ignore_errors=True)
+        self.group.callback(lambda: shutil.rmtree(self.sockdir, ignore_errors=True))
         self._bdfs: dict[int, str] = {}
+
+    @property
+    def processes(self) -> list[Process]:
+        """Every process started here, in start order."""
+        return self.group.processes
 
     @classmethod
     @contextlib.contextmanager
@@ -366,10 +257,13 @@ class Scenario:
         try:
             yield sc
         except BaseException:
-            sc.close()
-            log.error("scenario %s failed; logs kept in %s", name, work)
+            problems = sc.close()
+            log.error("scenario %s failed; logs kept in %s; teardown: %s", name, work, problems)
             raise
-        sc.close()
+        problems = sc.close()
+        if problems:
+            log.error("scenario %s: unclean teardown; logs kept in %s", name, work)
+            raise ScenarioError("unclean teardown:\n" + "\n".join(problems))
         if made:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -393,8 +287,10 @@ class Scenario:
             sc.boot(guest_args, **guest_options)
             yield sc
 
-    def close(self) -> None:
-        self._stack.close()
+    def close(self) -> list[str]:
+        """Power the guest off, then stop every process in reverse start order; what was not
+        clean."""
+        return self.group.close()
 
     # --- starting things -----------------------------------------------------------------
 
@@ -404,23 +300,10 @@ class Scenario:
         argv: Sequence[str],
         env: dict[str, str] | None = None,
         pass_fds: Sequence[int] = (),
-    ) -> LoggedProcess:
-        """Start a process that is stopped with the scenario (before anything started earlier)."""
-        if any(p.name == name for p in self.processes):
-            name = f"{name}-{len(self.processes)}"
-        environment = dict(os.environ if env is None else env)
-        environment["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT), str(REPO_ROOT / "guest-tools"), environment.get("PYTHONPATH", "")]
-        ).rstrip(os.pathsep)
-        proc = LoggedProcess(name, argv, self.workdir / f"{name}.log", environment, pass_fds)
-        self.processes.append(proc)
-        self._stack.callback(self._stop, proc)
-        return proc
-
-    @staticmethod
-    def _stop(proc: LoggedProcess) -> None:
-        rc = proc.stop()
-        log.info("%s exited with %d", proc.name, rc)
+    ) -> Process:
+        """Start a process that stops with the scenario (after the guest, before anything
+        started earlier); its output goes to ``workdir/NAME.log`` too."""
+        return self.group.start(name, argv, env=env, pass_fds=pass_fds, log_file=True)
 
     def add_device(
         self,
@@ -446,36 +329,39 @@ class Scenario:
                 announce("emulator")
             with self.step("start the emulator"):
                 device.vfio_socket = self.sockdir / f"vfio{index}.sock"
-                argv = [
-                    sys.executable, "-m", "emulator",
-                    "--vfio-user-socket", str(device.vfio_socket),
+                device.emulator = start_emulator(
+                    self.group,
+                    device.vfio_socket,
                     "--vhost-user-socket", str(vhost_socket),
                     "--virtio-id", str(backend.virtio_id),
                     "--num-queues", str(backend.num_queues),
                     "--config-size", str(backend.config_size),
                     *emulator_args,
-                ]  # fmt: skip
-                device.emulator = self.spawn(f"emulator{index}", argv)
-                device.emulator.wait_for(r"ready: listening for a vfio-user client")
+                    name=f"emulator{index}",
+                    timeout=START_TIMEOUT,
+                    log_file=True,
+                )  # fmt: skip
         if isinstance(backend, ShmemBackend):
-            device.control = Control(vhost_socket.with_suffix(".ctl"))
-            self._stack.callback(device.control.close)
+            device.control = ControlClient(vhost_socket.with_suffix(".ctl"), CONTROL_TIMEOUT)
+            self.group.callback(device.control.close)
         return device
 
     def qemu_args(self) -> list[str]:
         return [arg for device in self.devices for arg in device.qemu_args()]
 
     def boot(self, extra_args: Sequence[str] = (), **options: Any) -> Guest:
-        """Boot the guest with every device added so far; it powers off first on the way out."""
+        """Boot the guest with every device added so far; it powers off first on the way out
+        (whatever was started after it), and QEMU must exit 0 for a clean teardown."""
         with self.step("boot the guest"):
-            self.guest = self._stack.enter_context(
+            self.guest = self.group.enter_first(
                 Guest.boot(
                     [*self.qemu_args(), *extra_args],
                     name=self.name,
                     toolchain=self.toolchain,
                     workdir=self.workdir / "guest",
                     **options,
-                )
+                ),
+                check=qemu_exit_problem,
             )
         return self.guest
 
@@ -524,7 +410,7 @@ class Scenario:
     def device(self, index: int = 0) -> Device:
         return self.devices[index]
 
-    def control(self, index: int = 0) -> Control:
+    def control(self, index: int = 0) -> ControlClient:
         control = self.devices[index].control
         if control is None:
             raise ScenarioError(
@@ -584,7 +470,7 @@ class Scenario:
     def failure_report(self, lines: int = 40) -> str:
         """Tails of the guest console, QEMU's log and every process log."""
         parts = [self.guest.console_tail(lines)] if self.guest is not None else []
-        parts += [proc.tail(lines) for proc in self.processes]
+        parts.append(self.group.failure_report(lines))
         return "\n".join(parts)
 
     @contextlib.contextmanager

@@ -62,6 +62,18 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> 
         raise TransportError(f"connection lost: {exc}") from exc
 
 
+def connect_unix(path: str | os.PathLike[str], timeout: float | None = None) -> socket.socket:
+    """A stream socket connected to ``path`` with ``timeout`` set (closed again on failure)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(path))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def set_send_timeout(sock: socket.socket, seconds: float) -> None:
     """Bound blocking sends (SO_SNDTIMEO) so a peer that stops reading cannot stall us.
 

@@ -37,6 +37,9 @@ from wire.unix import close_fds, recv_with_fds, send_with_fds, set_send_timeout
 
 logger = logging.getLogger(__name__)
 
+#: Logged (followed by the socket path) once the socket accepts a client; launchers wait for it.
+READY_LINE = "ready: listening for a vfio-user client on "
+
 #: Below glibc's mmap threshold: a 1 MiB buffer cost an mmap, mremap and munmap per message.
 #: Longer messages simply arrive in several reads (the decoder reassembles them).
 RECV_BUFFER = 64 << 10
@@ -132,7 +135,7 @@ class VfioUserServer:
         listener.setblocking(False)
         self._listener = listener
         self.loop.add_reader(listener.fileno(), self._accept)
-        logger.info("ready: listening for a vfio-user client on %s", self.path)
+        logger.info("%s%s", READY_LINE, self.path)
 
     def close(self) -> None:
         """Drop the client, stop listening and remove the socket file."""

@@ -14,6 +14,7 @@ import random
 import time
 from pathlib import Path
 
+from testkit.procfs import fd_count
 from tests.fuzz.engines import ChannelEngine, FrontendEngine, RandomDraw, VfioEngine
 from tests.fuzz.invariants import InvariantBroken, Stats, counting_refusals
 from tests.fuzz.rig import (
@@ -21,7 +22,6 @@ from tests.fuzz.rig import (
     connect_client,
     emulator_config,
     emulator_with_backend,
-    fd_count,
 )
 
 ACTIVE = False

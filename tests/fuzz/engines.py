@@ -26,6 +26,7 @@ from emulator.shmem import SharedMemoryBar
 from emulator.vfio_user import messages as vm
 from emulator.vhost_frontend.frontend import VhostUserFrontend
 from emulator.virtio.device import QueueConfig
+from testkit.procfs import fd_count, fd_table
 from tests.fuzz.invariants import (
     InvariantBroken,
     ModelMapping,
@@ -54,8 +55,6 @@ from tests.fuzz.rig import (
     ScriptedBackend,
     connect_client,
     emulator_config,
-    fd_count,
-    fd_table,
     make_backing,
     mmap_request,
     read_channel_reply,

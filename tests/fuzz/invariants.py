@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from emulator.shmem import SharedMemoryBar
+from testkit.procfs import fd_count, fd_table
 from tests.fuzz.rig import (
     CONFIG_REGION,
     PAGE,
@@ -23,8 +24,6 @@ from tests.fuzz.rig import (
     Backing,
     RawVfioClient,
     RunningEmulator,
-    fd_count,
-    fd_table,
 )
 
 PCI_VENDOR_VIRTIO = 0x1AF4

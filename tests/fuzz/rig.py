@@ -63,19 +63,6 @@ HEADER = struct.Struct("=III")
 MMAP = struct.Struct("=B7xQQQQ")
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def fd_table() -> dict[int, str]:
-    """Our fds and what they point at (for a useful message when counts differ)."""
-    table = {}
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            table[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-    return table
-
-
 # -- fds of every kind -------------------------------------------------------------------------
 
 FD_KINDS = (

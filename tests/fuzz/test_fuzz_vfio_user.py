@@ -5,18 +5,17 @@ session the emulator's fd count is back where it was."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from testkit import ProcessGroup, start_emulator
+from testkit.procfs import fd_count
 from tests.fuzz import campaign
 from tests.fuzz.engines import HypothesisDraw, RandomDraw, VfioEngine
 from tests.fuzz.invariants import Stats, check_alive, counting_refusals
-from tests.fuzz.rig import RunningEmulator, connect_client, emulator_config, fd_count
+from tests.fuzz.rig import RunningEmulator, connect_client, emulator_config
 
 
 def test_vfio_user_sessions(workdir: Path) -> None:
@@ -46,41 +45,16 @@ def test_vfio_user_campaign(workdir: Path) -> None:
 
 def test_vfio_user_out_of_process_smoke(workdir: Path) -> None:
     """The real CLI: hostile sessions, then /proc/PID/fd back to its baseline."""
-    path = workdir / "cli.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "emulator",
-            "--vfio-user-socket",
-            str(path),
-            "--virtio-id",
-            "4",
-            "--shmem-region",
-            "0:64K",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "ready: listening" in line:
-                break
+    group = ProcessGroup(workdir)
+    with group.running():
+        emu = start_emulator(
+            group, workdir / "cli.sock", "--virtio-id", "4", "--shmem-region", "0:64K"
+        )
         stats = Stats("vfio-user")
         engine = VfioEngine(
-            path,
-            stats,
-            workdir,
-            lambda: proc.poll() is None,
-            lambda: len(os.listdir(f"/proc/{proc.pid}/fd")),
+            emu.path, stats, workdir, lambda: emu.running, lambda: fd_count(emu.pid)
         )
         for seed in range(20):
             engine.session(RandomDraw(seed), 30)
         engine.session(RandomDraw(99), 1)
-        assert proc.poll() is None
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
-        if proc.stderr is not None:
-            proc.stderr.close()
+        assert emu.running

@@ -34,8 +34,9 @@ from emulator.vfio_user.messages import (
     SetIrqs,
     Version,
 )
-from tests.helpers.processes import Processes, fd_count, fd_targets, procs
-from tests.helpers.virtio_driver import (
+from testkit import Harness
+from testkit.procfs import fd_count, fd_targets
+from testkit.virtio_driver import (
     ACKNOWLEDGE,
     DEVICE_STATUS,
     DRIVER,
@@ -47,6 +48,7 @@ from tests.helpers.virtio_driver import (
     GuestRam,
     VirtioDriver,
 )
+from tests.helpers.processes import procs
 
 __all__ = ["procs"]
 
@@ -67,7 +69,7 @@ def connect(path: Path) -> VfioUserClient:
     return VfioUserClient.connect(str(path), timeout=10.0)
 
 
-def test_bring_up_to_driver_ok_and_shared_memory_bar(procs: Processes, ram: GuestRam) -> None:
+def test_bring_up_to_driver_ok_and_shared_memory_bar(procs: Harness, ram: GuestRam) -> None:
     emu = procs.emulator(*TWO_REGIONS, virtio_id=4)
     with connect(emu.path) as client:
         driver = VirtioDriver.probe(client, ram)
@@ -104,7 +106,7 @@ def test_bring_up_to_driver_ok_and_shared_memory_bar(procs: Processes, ram: Gues
     emu.stop()
 
 
-def test_no_shared_memory_means_no_bar_4(procs: Processes, ram: GuestRam) -> None:
+def test_no_shared_memory_means_no_bar_4(procs: Harness, ram: GuestRam) -> None:
     emu = procs.emulator(virtio_id=4)
     with connect(emu.path) as client:
         driver = VirtioDriver.probe(client, ram)
@@ -117,7 +119,7 @@ def test_no_shared_memory_means_no_bar_4(procs: Processes, ram: GuestRam) -> Non
     emu.stop()
 
 
-def test_device_reset_and_status_zero(procs: Processes, ram: GuestRam) -> None:
+def test_device_reset_and_status_zero(procs: Harness, ram: GuestRam) -> None:
     emu = procs.emulator(*TWO_REGIONS)
     with connect(emu.path) as client:
         driver = VirtioDriver.probe(client, ram)
@@ -138,7 +140,7 @@ def test_device_reset_and_status_zero(procs: Processes, ram: GuestRam) -> None:
     emu.stop()
 
 
-def test_second_client_after_the_first_disconnects(procs: Processes, ram: GuestRam) -> None:
+def test_second_client_after_the_first_disconnects(procs: Harness, ram: GuestRam) -> None:
     emu = procs.emulator(*TWO_REGIONS)
     path = str(emu.path)
     first = connect(emu.path)
@@ -246,7 +248,7 @@ def region_access(region: int, offset: int, count: int, data: bytes = b"") -> by
     return RegionAccess(offset, region, count, data).pack()
 
 
-def test_bad_requests_get_fitting_error_replies(procs: Processes) -> None:
+def test_bad_requests_get_fitting_error_replies(procs: Harness) -> None:
     emu = procs.emulator(*TWO_REGIONS)
     peer = RawPeer(emu.path)
     ram = os.memfd_create("ram")
@@ -330,7 +332,7 @@ def test_bad_requests_get_fitting_error_replies(procs: Processes) -> None:
     [("size below the header", 8), ("size above the maximum", DEFAULT_MAX_MSG_SIZE + 1)],
 )
 def test_framing_errors_drop_the_client_and_the_server_serves_the_next(
-    procs: Processes, what: str, size: int
+    procs: Harness, what: str, size: int
 ) -> None:
     emu = procs.emulator()
     peer = RawPeer(emu.path)
@@ -347,18 +349,18 @@ def test_framing_errors_drop_the_client_and_the_server_serves_the_next(
     emu.stop()
 
 
-def test_sigint_with_a_client_connected_exits_cleanly(procs: Processes) -> None:
+def test_sigint_with_a_client_connected_exits_cleanly(procs: Harness) -> None:
     emu = procs.emulator(*TWO_REGIONS)
     with connect(emu.path) as client:
         client.version()
-        emu.proc.send_signal(signal.SIGINT)
+        emu.send_signal(signal.SIGINT)
         assert emu.wait_exit() == 0
         assert not emu.path.exists()
     emu.stop()
 
 
 def test_trace_has_one_json_line_per_message_in_both_directions(
-    procs: Processes, tmp_path: Path
+    procs: Harness, tmp_path: Path
 ) -> None:
     trace = tmp_path / "trace.jsonl"
     emu = procs.emulator("--trace", str(trace))

@@ -23,19 +23,16 @@ import pytest
 from vguest.pattern import PatternKind, generate
 
 from emulator.vfio_user.client import VfioUserClient
-from tests.helpers.processes import (
-    BackendControl,
-    ManagedProcess,
-    Processes,
+from testkit import ControlClient, Harness, Process
+from testkit.procfs import (
     eventfd_id,
     eventfd_ids,
     fd_count,
     fd_targets,
     memfd_mappings,
-    procs,
     reserved_vmas,
 )
-from tests.helpers.virtio_driver import (
+from testkit.virtio_driver import (
     DEVICE_NEEDS_RESET,
     DEVICE_STATUS,
     DRIVER_OK,
@@ -44,6 +41,7 @@ from tests.helpers.virtio_driver import (
     eventfd_signalled,
     wait_eventfd,
 )
+from tests.helpers.processes import procs
 from vhost_user.codec import Channel, Decoder, VhostUserMessage, encode, reply_to
 from vhost_user.messages import (
     BackendReq,
@@ -67,8 +65,8 @@ CYCLES_ENV = "VIRTIO_EMU_MAP_CYCLES"
 
 
 def start(
-    procs: Processes, backend: tuple[str, ...] = (), emulator: tuple[str, ...] = ()
-) -> tuple[ManagedProcess, ManagedProcess, BackendControl]:
+    procs: Harness, backend: tuple[str, ...] = (), emulator: tuple[str, ...] = ()
+) -> tuple[Process, Process, ControlClient]:
     """Back-end first (the emulator sizes BAR 4 from it), then the emulator, then control."""
     back = procs.backend("--rng-source", "counter", *backend)
     emu = procs.emulator("--vhost-user-socket", str(back.path), *emulator)
@@ -76,7 +74,7 @@ def start(
 
 
 @contextlib.contextmanager
-def guest(emu: ManagedProcess, ram_size: int = 2 * MiB) -> Iterator[VirtioDriver]:
+def guest(emu: Process, ram_size: int = 2 * MiB) -> Iterator[VirtioDriver]:
     """A connected client with RAM mapped and the device probed (not yet initialised)."""
     with GuestRam(ram_size) as ram, VfioUserClient.connect(str(emu.path), timeout=15.0) as client:
         driver = VirtioDriver.probe(client, ram)
@@ -95,7 +93,7 @@ def counter(seed: int, length: int) -> bytes:
 
 
 @pytest.mark.parametrize("bit", [22, 20])
-def test_negotiation_at_either_shmem_bit(procs: Processes, bit: int) -> None:
+def test_negotiation_at_either_shmem_bit(procs: Harness, bit: int) -> None:
     flag = ("--shmem-feature-bit", str(bit))
     back, emu, ctl = start(procs, flag, flag)
     emu.wait_for_log(r"protocol features 0x[0-9a-f]+$", regex=True)
@@ -112,7 +110,7 @@ def test_negotiation_at_either_shmem_bit(procs: Processes, bit: int) -> None:
     back.stop()
 
 
-def test_mismatched_bits_mean_no_shared_memory(procs: Processes) -> None:
+def test_mismatched_bits_mean_no_shared_memory(procs: Harness) -> None:
     back, emu, ctl = start(procs, ("--shmem-feature-bit", "20"), ("--shmem-feature-bit", "22"))
     status = ctl.status()
     assert status["connected"] is True
@@ -127,7 +125,7 @@ def test_mismatched_bits_mean_no_shared_memory(procs: Processes) -> None:
     back.stop()
 
 
-def test_cli_regions_override_but_nothing_maps_without_the_feature(procs: Processes) -> None:
+def test_cli_regions_override_but_nothing_maps_without_the_feature(procs: Harness) -> None:
     back, emu, ctl = start(
         procs, ("--shmem-feature-bit", "20"), ("--shmem-region", "0:1M", "--shmem-region", "3:1M")
     )
@@ -143,7 +141,7 @@ def test_cli_regions_override_but_nothing_maps_without_the_feature(procs: Proces
     back.stop()
 
 
-def test_bar_layout_follows_get_shmem_config(procs: Processes) -> None:
+def test_bar_layout_follows_get_shmem_config(procs: Harness) -> None:
     back, emu, ctl = start(procs, ("--shmem-region", "0:2M", "--shmem-region", "1:1M"))
     with guest(emu) as driver:
         assert driver.startup.regions[SHMEM_BAR].info.size == 4 * MiB
@@ -159,7 +157,7 @@ def test_bar_layout_follows_get_shmem_config(procs: Processes) -> None:
     back.stop()
 
 
-def test_map_read_write_unmap_remap(procs: Processes) -> None:
+def test_map_read_write_unmap_remap(procs: Harness) -> None:
     back, emu, ctl = start(procs, ("--shmem-region", "0:2M", "--shmem-region", "1:1M"))
     with guest(emu) as driver:
         driver.bring_up()
@@ -207,7 +205,7 @@ def test_map_read_write_unmap_remap(procs: Processes) -> None:
     back.stop()
 
 
-def test_refused_requests_leave_the_view_unchanged(procs: Processes) -> None:
+def test_refused_requests_leave_the_view_unchanged(procs: Harness) -> None:
     back, emu, ctl = start(procs, ("--shmem-region", "0:2M", "--shmem-region", "1:1M"))
     with guest(emu) as driver:
         assert ctl.map(0, 0x10000, 64 * KiB, pattern="counter", seed=1)["ok"]
@@ -249,7 +247,7 @@ def test_refused_requests_leave_the_view_unchanged(procs: Processes) -> None:
 
 
 def test_zero_length_and_unknown_flags_refused_through_the_library(
-    procs: Processes, tmp_path: Path
+    procs: Harness, tmp_path: Path
 ) -> None:
     """The control socket cannot send these; the back-end library in this process can."""
     path = tmp_path / "inproc.sock"
@@ -297,7 +295,7 @@ def test_zero_length_and_unknown_flags_refused_through_the_library(
         thread.join(10)
 
 
-def test_device_reset_drops_every_mapping(procs: Processes) -> None:
+def test_device_reset_drops_every_mapping(procs: Harness) -> None:
     back, emu, ctl = start(procs, ("--shmem-region", "0:2M", "--shmem-region", "1:1M"))
     with guest(emu) as driver:
         for reset in ("DEVICE_RESET", "status 0", "status 0 before DRIVER_OK"):
@@ -321,7 +319,7 @@ def test_device_reset_drops_every_mapping(procs: Processes) -> None:
     back.stop()
 
 
-def test_data_plane_interrupt_comes_from_the_back_end(procs: Processes) -> None:
+def test_data_plane_interrupt_comes_from_the_back_end(procs: Harness) -> None:
     back, emu, ctl = start(procs)
     with guest(emu) as driver:
         (queue,) = driver.bring_up(queues=1, queue_size=8)
@@ -355,7 +353,7 @@ def test_data_plane_interrupt_comes_from_the_back_end(procs: Processes) -> None:
     back.stop()
 
 
-def test_back_end_loss_needs_reset_and_reconnect_recovers(procs: Processes) -> None:
+def test_back_end_loss_needs_reset_and_reconnect_recovers(procs: Harness) -> None:
     back, emu, ctl = start(procs)
     with guest(emu) as driver:
         (queue,) = driver.bring_up(queues=1, queue_size=8)
@@ -394,7 +392,7 @@ def test_back_end_loss_needs_reset_and_reconnect_recovers(procs: Processes) -> N
     back.stop()
 
 
-def test_map_unmap_cycles_leak_nothing(procs: Processes) -> None:
+def test_map_unmap_cycles_leak_nothing(procs: Harness) -> None:
     cycles = int(os.environ.get(CYCLES_ENV, "10000"))
     back, emu, ctl = start(procs, ("--shmem-region", "0:2M", "--shmem-region", "1:1M"))
     with guest(emu) as driver:
@@ -455,7 +453,7 @@ class SilentBackend:
         self.thread.join(10)
 
 
-def test_back_end_that_never_answers_times_out_cleanly(procs: Processes, tmp_path: Path) -> None:
+def test_back_end_that_never_answers_times_out_cleanly(procs: Harness, tmp_path: Path) -> None:
     path = tmp_path / "silent.sock"
     silent = SilentBackend(path)
     try:
@@ -538,7 +536,7 @@ class StallingBackend:
 
 
 def test_back_end_stalling_at_activation_needs_reset_not_a_hang(
-    procs: Processes, tmp_path: Path
+    procs: Harness, tmp_path: Path
 ) -> None:
     path = tmp_path / "stalling.sock"
     stalling = StallingBackend(path)
@@ -563,7 +561,7 @@ def test_back_end_stalling_at_activation_needs_reset_not_a_hang(
         stalling.close()
 
 
-def test_trace_covers_the_vhost_user_channels(procs: Processes, tmp_path: Path) -> None:
+def test_trace_covers_the_vhost_user_channels(procs: Harness, tmp_path: Path) -> None:
     trace = tmp_path / "trace.jsonl"
     back, emu, ctl = start(procs, emulator=("--trace", str(trace)))
     with guest(emu) as driver:
@@ -593,7 +591,7 @@ def test_trace_covers_the_vhost_user_channels(procs: Processes, tmp_path: Path) 
     [("--max-mappings", True), ("--max-mappings-per-region", False)],
 )
 def test_mapping_caps_from_the_command_line(
-    procs: Processes, option: str, second_region_refused: bool
+    procs: Harness, option: str, second_region_refused: bool
 ) -> None:
     back, emu, ctl = start(
         procs, ("--shmem-region", "0:1M", "--shmem-region", "1:1M"), (option, "2")
@@ -621,9 +619,7 @@ class _ConfigDevice(ShmemRngDevice):
         return bytes(self.config[offset : offset + size])
 
 
-def test_config_is_read_once_and_again_after_config_change(
-    procs: Processes, tmp_path: Path
-) -> None:
+def test_config_is_read_once_and_again_after_config_change(procs: Harness, tmp_path: Path) -> None:
     path = tmp_path / "config.sock"
     device = _ConfigDevice()
     backend = VhostUserDaemon(device, str(path))

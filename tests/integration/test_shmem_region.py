@@ -26,6 +26,7 @@ from emulator.shmem import (
     ShmemLayout,
 )
 from emulator.shmem.region import default_max_mappings
+from testkit.procfs import fd_count
 from wire.errors import RemoteProtocolError, StateError
 
 PAGE = 4096
@@ -60,10 +61,6 @@ def map_memfd(
 
 def pattern(start: int, size: int) -> bytes:
     return bytes((i * 7) % 251 for i in range(start, start + size))
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def maps_lines() -> list[str]:

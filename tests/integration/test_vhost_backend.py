@@ -7,26 +7,18 @@ import os
 import select
 import socket
 import struct
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from testkit import ChannelPeer, LockstepFrontend
+from testkit.procfs import fd_count
 from vhost_user.codec import (
-    Channel,
-    Decoder,
-    VhostUserMessage,
-    encode,
-    reply_to,
     request,
 )
 from vhost_user.messages import (
-    EMPTY,
-    BackendReq,
     FrontendReq,
-    Payload,
     VhostUserConfig,
     VhostUserMemory,
     VhostUserMemoryRegion,
@@ -40,8 +32,7 @@ from vhost_user.messages import (
 from vhost_user_backend.daemon import VhostUserDaemon, VhostUserDevice
 from vhost_user_backend.errors import ChannelFailed, FrontendRefused
 from vhost_user_backend.vring import Vring
-from wire.errors import StateError, TransportError
-from wire.unix import recv_with_fds, send_with_fds
+from wire.errors import StateError
 
 PF = VhostUserProtocolFeature
 GPA_BASE = 0x4000_0000
@@ -78,72 +69,6 @@ class EchoDevice(VhostUserDevice):
         self.disconnects += 1
 
 
-class Frontend:
-    """A lockstep scripted front-end: send one request, read exactly one reply."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(5)
-        self.sock.connect(path)
-        self.decoder = Decoder(Channel.FRONTEND, expect_replies=True)
-
-    def send(self, msg: VhostUserMessage) -> None:
-        data, fds = encode(msg)
-        send_with_fds(self.sock, data, fds)  # the fds stay the caller's
-
-    def send_raw(self, data: bytes, fds: list[int] | None = None) -> None:
-        send_with_fds(self.sock, data, fds or [])
-
-    def recv(self) -> VhostUserMessage:
-        while (msg := self.decoder.next_message()) is None:
-            data, fds = recv_with_fds(self.sock, self.decoder.bytes_needed())
-            if not data:
-                raise EOFError("back-end closed the connection")
-            self.decoder.feed(data, fds)
-        return msg
-
-    def call(
-        self,
-        req: FrontendReq,
-        payload: Payload = EMPTY,
-        fds: list[int] | None = None,
-        *,
-        need_reply: bool = False,
-    ) -> VhostUserMessage | None:
-        self.send(request(req, payload, fds=fds or [], need_reply=need_reply))
-        expects = req in (
-            FrontendReq.GET_FEATURES,
-            FrontendReq.GET_PROTOCOL_FEATURES,
-            FrontendReq.GET_QUEUE_NUM,
-            FrontendReq.GET_VRING_BASE,
-            FrontendReq.GET_CONFIG,
-            FrontendReq.GET_SHMEM_CONFIG,
-            FrontendReq.GET_MAX_MEM_SLOTS,
-        )
-        if need_reply or expects:
-            reply = self.recv()
-            assert reply.request is req
-            return reply
-        return None
-
-    def u64(self, req: FrontendReq, payload: Payload = EMPTY, fds: list[int] | None = None) -> int:
-        reply = self.call(req, payload, fds, need_reply=True)
-        assert reply is not None and isinstance(reply.payload, VhostUserU64)
-        return reply.payload.value
-
-    def negotiate(self, protocol: int) -> None:
-        features = self.u64(FrontendReq.GET_FEATURES)
-        self.call(FrontendReq.SET_FEATURES, VhostUserU64(features))
-        offered = self.u64(FrontendReq.GET_PROTOCOL_FEATURES)
-        assert offered & protocol == protocol
-        self.call(FrontendReq.SET_PROTOCOL_FEATURES, VhostUserU64(protocol))
-        self.call(FrontendReq.SET_OWNER)
-
-    def close(self) -> None:
-        self.sock.close()
-        self.decoder.close()
-
-
 @pytest.fixture
 def sock_path(tmp_path: Path) -> str:
     return str(tmp_path / "vhost.sock")
@@ -171,8 +96,8 @@ def backend(device: EchoDevice, sock_path: str) -> Iterator[VhostUserDaemon]:
 
 
 @pytest.fixture
-def fe(backend: VhostUserDaemon, sock_path: str) -> Iterator[Frontend]:
-    frontend = Frontend(sock_path)
+def fe(backend: VhostUserDaemon, sock_path: str) -> Iterator[LockstepFrontend]:
+    frontend = LockstepFrontend(sock_path)
     yield frontend
     frontend.close()
 
@@ -180,14 +105,10 @@ def fe(backend: VhostUserDaemon, sock_path: str) -> Iterator[Frontend]:
 ALL = PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.SHMEM
 
 
-def nfds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @pytest.mark.parametrize("bit", [22, 20])
 def test_negotiation_with_shmem_bit(bit: int, sock_path: str) -> None:
     for backend in start(EchoDevice(), sock_path, shmem_feature_bit=bit):
-        fe = Frontend(sock_path)
+        fe = LockstepFrontend(sock_path)
         features = fe.u64(FrontendReq.GET_FEATURES)
         assert features & (1 << 30) and features & (1 << 32)
         offered = fe.u64(FrontendReq.GET_PROTOCOL_FEATURES)
@@ -206,7 +127,7 @@ def test_negotiation_with_shmem_bit(bit: int, sock_path: str) -> None:
         fe.close()
 
 
-def test_unoffered_protocol_feature_is_refused(fe: Frontend) -> None:
+def test_unoffered_protocol_feature_is_refused(fe: LockstepFrontend) -> None:
     fe.u64(FrontendReq.GET_FEATURES)
     assert fe.u64(FrontendReq.SET_PROTOCOL_FEATURES, VhostUserU64(int(PF.REPLY_ACK))) == 0
     # LOG_SHMFD was not offered; GET_QUEUE_NUM needs MQ which was not acked.
@@ -217,7 +138,7 @@ def test_unoffered_protocol_feature_is_refused(fe: Frontend) -> None:
     assert fe.u64(FrontendReq.SET_VRING_NUM, VhostUserVringState(0, 100)) != 0
 
 
-def test_get_shmem_config_without_the_feature_drops_the_connection(fe: Frontend) -> None:
+def test_get_shmem_config_without_the_feature_drops_the_connection(fe: LockstepFrontend) -> None:
     fe.negotiate(int(PF.REPLY_ACK))
     fe.send(request(FrontendReq.GET_SHMEM_CONFIG))
     with pytest.raises(EOFError):
@@ -225,10 +146,10 @@ def test_get_shmem_config_without_the_feature_drops_the_connection(fe: Frontend)
 
 
 def test_wrong_size_and_extra_fds_are_answered_and_closed(
-    fe: Frontend, backend: VhostUserDaemon
+    fe: LockstepFrontend, backend: VhostUserDaemon
 ) -> None:
     fe.negotiate(int(ALL))
-    before = nfds()
+    before = fd_count()
     efd = os.eventfd(0)
     # SET_OWNER must not carry an fd; the back-end must close its copy and say so.
     header = struct.pack("=III", FrontendReq.SET_OWNER, 0x9, 0)
@@ -240,7 +161,7 @@ def test_wrong_size_and_extra_fds_are_answered_and_closed(
     reply = fe.recv()
     assert isinstance(reply.payload, VhostUserU64) and reply.payload.value != 0
     os.close(efd)
-    assert nfds() == before
+    assert fd_count() == before
     assert fe.u64(FrontendReq.GET_FEATURES)  # still serving
 
 
@@ -299,7 +220,7 @@ class Guest:
         idx = struct.unpack_from("<H", self.mm, USED + 2)[0]
         return [struct.unpack_from("<II", self.mm, USED + 4 + 8 * i) for i in range(idx)]
 
-    def setup(self, fe: Frontend, index: int = 0) -> None:
+    def setup(self, fe: LockstepFrontend, index: int = 0) -> None:
         fds = [self.fd]
         assert fe.u64(FrontendReq.SET_MEM_TABLE, VhostUserMemory((self.region(),)), fds) == 0
         assert fe.u64(FrontendReq.SET_VRING_NUM, VhostUserVringState(index, QSIZE)) == 0
@@ -325,7 +246,7 @@ def guest() -> Iterator[Guest]:
 
 
 def test_vring_round_trip_direct_and_indirect(
-    fe: Frontend, guest: Guest, backend: VhostUserDaemon
+    fe: LockstepFrontend, guest: Guest, backend: VhostUserDaemon
 ) -> None:
     fe.negotiate(int(ALL))
     guest.setup(fe)
@@ -357,7 +278,7 @@ def test_vring_round_trip_direct_and_indirect(
     ["outside", "loop", "indirect_outside", "huge_avail"],
 )
 def test_hostile_rings_do_not_crash_the_backend(
-    fe: Frontend, guest: Guest, backend: VhostUserDaemon, bad: str
+    fe: LockstepFrontend, guest: Guest, backend: VhostUserDaemon, bad: str
 ) -> None:
     fe.negotiate(int(ALL))
     guest.setup(fe)
@@ -379,7 +300,7 @@ def test_hostile_rings_do_not_crash_the_backend(
     assert fe.u64(FrontendReq.GET_FEATURES)  # the loop still serves
 
 
-def test_ring_addresses_outside_memory(fe: Frontend, guest: Guest) -> None:
+def test_ring_addresses_outside_memory(fe: LockstepFrontend, guest: Guest) -> None:
     fe.negotiate(int(ALL))
     guest.setup(fe)
     addr = VhostUserVringAddr(1, 0, UVA_BASE + MEM_SIZE - 16, UVA_BASE, UVA_BASE, 0)
@@ -392,7 +313,7 @@ def test_ring_addresses_outside_memory(fe: Frontend, guest: Guest) -> None:
     assert fe.u64(FrontendReq.GET_FEATURES)
 
 
-def test_unmappable_memory_fd_is_refused(fe: Frontend) -> None:
+def test_unmappable_memory_fd_is_refused(fe: LockstepFrontend) -> None:
     fe.negotiate(int(ALL))
     a, b = socket.socketpair()
     region = VhostUserMemoryRegion(0, MEM_SIZE, UVA_BASE, 0)
@@ -404,12 +325,12 @@ def test_unmappable_memory_fd_is_refused(fe: Frontend) -> None:
 def test_disconnect_resets_state_and_accepts_the_next_front_end(
     sock_path: str, device: EchoDevice, backend: VhostUserDaemon, guest: Guest
 ) -> None:
-    first = Frontend(sock_path)
+    first = LockstepFrontend(sock_path)
     first.negotiate(int(ALL))
     guest.setup(first)
     assert backend.status()["memory_regions"] == 1
     # A second front-end waits in the backlog while the first is served.
-    second = Frontend(sock_path)
+    second = LockstepFrontend(sock_path)
     first.close()
     assert second.u64(FrontendReq.GET_FEATURES)
     assert device.disconnects == 1
@@ -418,52 +339,8 @@ def test_disconnect_resets_state_and_accepts_the_next_front_end(
     second.close()
 
 
-class ChannelPeer:
-    """The front-end's end of the back-end channel, answering SHMEM_MAP/UNMAP in a thread."""
-
-    def __init__(self, fe: Frontend, codes: list[int], delay: float = 0.0) -> None:
-        self.ours, theirs = socket.socketpair()
-        assert fe.u64(FrontendReq.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()]) == 0
-        theirs.close()
-        self.codes = codes
-        self.delay = delay
-        self.seen: list[tuple[VhostUserMMap, bytes]] = []
-        self.reply_failed = False
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self) -> None:
-        decoder = Decoder(Channel.BACKEND, expect_replies=False)
-        for code in self.codes:
-            while (msg := decoder.next_message()) is None:
-                data, fds = recv_with_fds(self.ours, decoder.bytes_needed())
-                if not data:
-                    return
-                decoder.feed(data, fds)
-            assert isinstance(msg.payload, VhostUserMMap)
-            content = b""
-            if msg.request is BackendReq.SHMEM_MAP:
-                length = msg.payload.length
-                with mmap.mmap(msg.fds[0], length, offset=msg.payload.fd_offset) as mm:
-                    content = bytes(mm[:length])
-            self.seen.append((msg.payload, content))
-            assert msg.need_reply
-            time.sleep(self.delay)
-            data, _ = encode(reply_to(msg, VhostUserU64(code)))
-            msg.close()
-            try:
-                send_with_fds(self.ours, data)
-            except TransportError:
-                self.reply_failed = True
-                return
-
-    def close(self) -> None:
-        self.thread.join(5)
-        self.ours.close()
-
-
 def test_shmem_map_sends_a_real_fd_and_waits_for_the_status(
-    fe: Frontend, backend: VhostUserDaemon
+    fe: LockstepFrontend, backend: VhostUserDaemon
 ) -> None:
     fe.negotiate(int(ALL))
     peer = ChannelPeer(fe, [0, 1, 0])
@@ -475,7 +352,7 @@ def test_shmem_map_sends_a_real_fd_and_waits_for_the_status(
     assert info.value.code == 1
     backend.shmem_unmap(2, 0x1000, 4096)
     peer.close()
-    (m1, c1), (m2, _), (m3, _) = peer.seen
+    (_, m1, c1), (_, m2, _), (_, m3, _) = peer.seen
     assert m1 == VhostUserMMap(2, 4096, 0x1000, 4096, 1) and c1 == b"B" * 4096
     assert not m2.writable
     assert m3.shmid == 2 and m3.shm_offset == 0x1000 and m3.length == 4096
@@ -486,7 +363,7 @@ def test_shmem_map_sends_a_real_fd_and_waits_for_the_status(
 
 def test_shmem_map_timeout_and_state_errors(sock_path: str) -> None:
     for backend in start(EchoDevice(), sock_path, reply_timeout=0.2):
-        fe = Frontend(sock_path)
+        fe = LockstepFrontend(sock_path)
         memfd = os.memfd_create("shm")
         os.ftruncate(memfd, 4096)
         with pytest.raises(StateError):
@@ -497,7 +374,7 @@ def test_shmem_map_timeout_and_state_errors(sock_path: str) -> None:
             backend.shmem_map(0, memfd, 0, 0, 4096, writable=False)
         fe.close()
         peer.close()
-        fe = Frontend(sock_path)
+        fe = LockstepFrontend(sock_path)
         fe.negotiate(int(ALL))
         peer = ChannelPeer(fe, [0], delay=1.0)
         with pytest.raises(ChannelFailed):

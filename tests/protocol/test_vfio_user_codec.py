@@ -48,6 +48,7 @@ from emulator.vfio_user.messages import (
     parse_sparse_mmap,
     sparse_mmap_cap,
 )
+from testkit.procfs import fd_count as open_fd_count
 from wire.errors import DecodeError, LocalProtocolError, RemoteProtocolError
 from wire.unix import recv_with_fds, send_with_fds
 
@@ -69,10 +70,6 @@ def hdr(msg_id: int, command: int, payload: bytes, flags: int = 0, err: int = 0)
 
 def le(fmt: str, *values: int) -> bytes:
     return struct.pack("<" + fmt, *values)
-
-
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def is_open(fd: int) -> bool:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from testkit.procfs import fd_count as open_fds
 from vhost_user.codec import (
     Channel,
     Decoder,
@@ -134,10 +135,6 @@ def fds() -> Iterator[list[int]]:
     for fd in made:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def channel_of(msg: VhostUserMessage) -> Channel:

@@ -9,13 +9,10 @@ import os
 import pytest
 
 from emulator.memory import GuestMemory
+from testkit.procfs import fd_count as open_fd_count
 from wire.errors import RemoteProtocolError
 
 PAGE = 4096
-
-
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def ram(size: int, fill: bytes = b"") -> int:

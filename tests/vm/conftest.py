@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Generator, Iterator
-from pathlib import Path
 
 import pytest
 
-# `vm` is a repo-root package outside the installed distribution; make it importable however
-# pytest was started.
-_REPO_ROOT = str(Path(__file__).resolve().parents[2])
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
-from vm.guest import Guest  # noqa: E402
-from vm.toolchain import Toolchain, ToolchainError, ensure_toolchain  # noqa: E402
+from vm.guest import Guest
+from vm.toolchain import Toolchain, ToolchainError, ensure_toolchain
 
 SKIP_ENV = "VIRTIO_EMU_SKIP_VM"
 log = logging.getLogger(__name__)

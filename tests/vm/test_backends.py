@@ -5,21 +5,17 @@ Also proves that virtiofsd's namespace sandbox works when it runs through the ro
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from tests.vm.third_party import DISK_BYTES, MARKER, share_and_disk
 from vm.guest import Guest
-from vm.qemu import HostBinaries, storage_daemon_blk, virtiofsd
+from vm.scenario import BlockBackend, Scenario, VirtiofsdBackend
 from vm.toolchain import Toolchain
 
 pytestmark = pytest.mark.vm
-
-DISK_BYTES = 8 << 20
-MARKER = b"virtio-emu block marker\n"
 
 
 @pytest.fixture(scope="module")
@@ -27,34 +23,12 @@ def backend_guest(
     toolchain: Toolchain, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Guest, Path, Path]]:
     work = tmp_path_factory.mktemp("backends")
-    shared = work / "shared"
-    shared.mkdir()
-    (shared / "hello.txt").write_text("hello from the host\n")
-    disk = work / "disk.raw"
-    with open(disk, "wb") as f:
-        f.write(MARKER)
-        f.truncate(DISK_BYTES)
-    binaries = HostBinaries(toolchain.host_root)
-    sockdir = Path(os.environ.get("TMPDIR", "/tmp"))
-    fs_sock = sockdir / f"vfs-{os.getpid()}.sock"
-    blk_sock = sockdir / f"blk-{os.getpid()}.sock"
-    with ExitStack() as stack:
-        stack.callback(fs_sock.unlink, missing_ok=True)
-        stack.callback(blk_sock.unlink, missing_ok=True)
-        stack.enter_context(
-            virtiofsd(binaries, fs_sock, shared, work / "virtiofsd.log", "--sandbox=namespace")
-        )
-        stack.enter_context(storage_daemon_blk(binaries, blk_sock, disk, work / "qsd.log"))
-        extra = [
-            "-chardev", f"socket,id=fs0,path={fs_sock}",
-            "-device", "vhost-user-fs-pci,chardev=fs0,tag=hostshare",
-            "-chardev", f"socket,id=blk0,path={blk_sock}",
-            "-device", "vhost-user-blk-pci,chardev=blk0,num-queues=1",
-        ]  # fmt: skip
-        guest = stack.enter_context(
-            Guest.boot(extra, name="backends", toolchain=toolchain, workdir=work)
-        )
-        yield guest, shared, disk
+    shared, disk = share_and_disk(work)
+    with Scenario.open("backends", toolchain, work) as sc:
+        # QEMU's own devices: vhost-user-fs-pci (tag hostshare) and vhost-user-blk-pci.
+        sc.add_device(VirtiofsdBackend(shared), "qemu")
+        sc.add_device(BlockBackend(disk), "qemu")
+        yield sc.boot(), shared, disk
 
 
 def test_virtiofs_share_is_readable_and_writable(

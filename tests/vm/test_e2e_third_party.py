@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 from vguest.pattern import PatternKind, generate
 
+from tests.vm.third_party import DISK_BYTES, MARKER, share_and_disk
 from vm.scenario import BlockBackend, Scenario, VirtiofsdBackend
 from vm.toolchain import Toolchain
 
 pytestmark = pytest.mark.vm
 
 TAG = "hostshare"
-DISK_BYTES = 8 << 20
-MARKER = b"virtio-emu block marker\n"
 WRITE_OFFSET = 1 << 20
 WRITE_LENGTH = 256 << 10
 
@@ -36,13 +35,7 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(toolchain: Toolchain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     work = tmp_path_factory.mktemp("e2e-third-party")
-    shared = work / "shared"
-    shared.mkdir()
-    (shared / "hello.txt").write_text("hello from the host\n")
-    disk = work / "disk.raw"
-    with open(disk, "wb") as f:
-        f.write(MARKER)
-        f.truncate(DISK_BYTES)
+    shared, disk = share_and_disk(work)
     with Scenario.run(
         VirtiofsdBackend(shared, tag=TAG),
         BlockBackend(disk),

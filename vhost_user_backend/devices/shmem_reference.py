@@ -14,6 +14,8 @@ control socket speaking JSON lines::
 
 Each reply is one line: ``{"ok": true, ...}`` or ``{"ok": false, "error": "...", "code": N}``
 (``code`` is the front-end's status for refused SHMEM requests, else an errno).
+``ControlClient`` is the client side of this protocol (tests, the benchmarks and ``vm.scenario``
+use it through ``testkit``).
 
 Patterns and checksums are the guest tools' own (``vguest.pattern``), so what the guest
 verifies with ``vguest verify`` is byte for byte what the back-end wrote: "counter" is
@@ -51,6 +53,7 @@ from vhost_user_backend.daemon import (
 from vhost_user_backend.errors import DaemonError, DeviceConfigError, FrontendRefused
 from vhost_user_backend.vring import Vring
 from wire.errors import StateError, WireError
+from wire.unix import connect_unix
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +342,82 @@ class _ControlHandler(socketserver.StreamRequestHandler):
                 reply = handle_command(self.server.device, req)
             self.wfile.write(json.dumps(reply).encode() + b"\n")
             self.wfile.flush()
+
+
+class ControlRefused(DaemonError):
+    """A control command that had to succeed got ``{"ok": false, ...}``; ``reply`` is that."""
+
+    def __init__(self, cmd: str, fields: dict[str, Any], reply: dict[str, Any]) -> None:
+        super().__init__(f"control command {cmd} {fields} refused: {reply}")
+        self.reply = reply
+
+
+class ControlClient:
+    """The client side of the control socket: one request line, one reply line.
+
+    ``client("map", shmid=0, ...)`` returns the reply as it is; ``client.ok(...)`` raises
+    ``ControlRefused`` unless it says ``"ok": true``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float = 10.0) -> None:
+        self.sock = connect_unix(path, timeout)
+        self._file = self.sock.makefile("rwb")
+
+    def __call__(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        self._file.write(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
+        self._file.flush()
+        line = self._file.readline()
+        if not line:
+            raise ConnectionError(f"control socket closed while waiting for the {cmd} reply")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def ok(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        """A command that must succeed."""
+        reply = self(cmd, **fields)
+        if reply.get("ok") is not True:
+            raise ControlRefused(cmd, fields, reply)
+        return reply
+
+    def map(
+        self,
+        shmid: int,
+        shm_offset: int,
+        length: int,
+        *,
+        pattern: str = "counter",
+        seed: int = 0,
+        writable: bool = False,
+    ) -> dict[str, Any]:
+        return self(
+            "map",
+            shmid=shmid,
+            shm_offset=shm_offset,
+            length=length,
+            pattern=pattern,
+            seed=seed,
+            writable=writable,
+        )
+
+    def unmap(self, shmid: int, shm_offset: int, length: int) -> dict[str, Any]:
+        return self("unmap", shmid=shmid, shm_offset=shm_offset, length=length)
+
+    def read(self, shmid: int, shm_offset: int, length: int, offset: int = 0) -> bytes:
+        reply = self.ok("read", shmid=shmid, shm_offset=shm_offset, length=length, offset=offset)
+        return bytes.fromhex(reply["data"])
+
+    def status(self) -> dict[str, Any]:
+        return self.ok("status")
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,57 @@
+"""The project's one test kit: processes, launchers, a lockstep front-end, a virtio driver, /proc.
+
+Used by tests/, bench/ and vm/ alike, so each of these is written once:
+
+- ``testkit.process``: ``Process`` (a child whose output lines can be awaited as events, stopped
+  with SIGTERM and checked for a clean exit) and ``ProcessGroup`` (teardown order: a guest first,
+  then processes in reverse start order; an unclean stop is reported, not hidden).
+- ``testkit.launchers``: the emulator and ``vhost-device-shmem`` as processes, awaited on the
+  ready lines their own modules define; ``Harness`` starts them in a directory.
+- ``testkit.frontend``: ``LockstepFrontend`` and ``ChannelPeer``, a scripted vhost-user
+  front-end for tests of back-ends.
+- ``testkit.virtio_driver``: a Linux-like virtio-pci driver over the vfio-user client.
+- ``testkit.procfs``: fd, eventfd, mapping, memory and CPU counts from ``/proc``.
+
+The reference device's control client is the device's own: ``ControlClient`` in
+``vhost_user_backend.devices.shmem_reference`` (re-exported here).
+"""
+
+from testkit.frontend import ChannelPeer, LockstepFrontend
+from testkit.launchers import (
+    LISTENING_LINE,
+    READY_LINE,
+    Harness,
+    emulator_argv,
+    shmem_backend_argv,
+    start_emulator,
+    start_shmem_backend,
+)
+from testkit.process import (
+    Process,
+    ProcessFailed,
+    ProcessGroup,
+    TeardownError,
+    listening_socket,
+    set_pdeathsig,
+)
+from vhost_user_backend.devices.shmem_reference import ControlClient, ControlRefused
+
+__all__ = [
+    "LISTENING_LINE",
+    "READY_LINE",
+    "ChannelPeer",
+    "ControlClient",
+    "ControlRefused",
+    "Harness",
+    "LockstepFrontend",
+    "Process",
+    "ProcessFailed",
+    "ProcessGroup",
+    "TeardownError",
+    "emulator_argv",
+    "listening_socket",
+    "set_pdeathsig",
+    "shmem_backend_argv",
+    "start_emulator",
+    "start_shmem_backend",
+]
