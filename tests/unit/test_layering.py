@@ -23,6 +23,8 @@ ALLOWED: dict[str, set[str]] = {
     "emulator": {"wire", "vhost_user"},
     "vhost_user_backend": {"wire", "vhost_user", "vguest"},
     "vguest": set(),
+    "testkit": {"wire", "vhost_user", "emulator", "vhost_user_backend", "vguest"},
+    "vm": {"testkit", "vguest"},
 }
 
 
