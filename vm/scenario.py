@@ -135,7 +135,11 @@ class VirtiofsdBackend:
                 f"--fd={fd}", f"--shared-dir={self.shared_dir}", f"--tag={self.tag}",
                 *self.extra_args,
             )  # fmt: skip
-            return sc.spawn(self.label, argv, env=sc.binaries.env(), pass_fds=(fd,))
+            # virtiofsd leaves with 0 by itself once its front-end disconnects, and with 1 when
+            # SIGTERM arrives first (idle, or still shutting down): both are clean stops.
+            return sc.spawn(
+                self.label, argv, env=sc.binaries.env(), pass_fds=(fd,), clean_exit=(0, 1)
+            )
 
     def native_device(self, chardev: str) -> str:
         return f"vhost-user-fs-pci,chardev={chardev},tag={self.tag}"
@@ -300,10 +304,14 @@ class Scenario:
         argv: Sequence[str],
         env: dict[str, str] | None = None,
         pass_fds: Sequence[int] = (),
+        clean_exit: Sequence[int] = (0,),
     ) -> Process:
         """Start a process that stops with the scenario (after the guest, before anything
-        started earlier); its output goes to ``workdir/NAME.log`` too."""
-        return self.group.start(name, argv, env=env, pass_fds=pass_fds, log_file=True)
+        started earlier); its output goes to ``workdir/NAME.log`` too. ``clean_exit``: the
+        statuses that count as a clean stop after SIGTERM."""
+        return self.group.start(
+            name, argv, env=env, pass_fds=pass_fds, log_file=True, clean_exit=clean_exit
+        )
 
     def add_device(
         self,
