@@ -32,12 +32,12 @@ from vhost_user.messages import (
     FdRule,
     FrontendReq,
     MessageSpec,
-    Payload,
     VhostUserHeaderFlag,
     VhostUserU64,
     allowed_fd_count,
 )
 from wire.errors import DecodeError, LocalProtocolError, RemoteProtocolError
+from wire.payload import Payload
 from wire.unix import close_fds
 
 MAX_PAYLOAD_SIZE = 4096
@@ -54,25 +54,14 @@ Request = FrontendReq | BackendReq
 
 
 @dataclass(frozen=True, slots=True)
-class VhostUserHeader:
-    """The 12-byte header: request, flags, size (native byte order)."""
+class VhostUserHeader(Payload):
+    """The 12-byte header: request, flags, size (native byte order). A plain struct like the
+    payloads (rust-vmm's header is ``ByteValued`` too), so it packs and unpacks the same way."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("=III")
     request: int
     flags: int
     size: int
-
-    def pack(self) -> bytes:
-        try:
-            return self.STRUCT.pack(self.request, self.flags, self.size)
-        except struct.error as exc:
-            raise LocalProtocolError(f"header out of range: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        if len(data) != cls.STRUCT.size:
-            raise DecodeError(f"header of {len(data)} bytes", fatal=True)
-        return cls(*cls.STRUCT.unpack(data))
 
 
 HEADER_SIZE = VhostUserHeader.STRUCT.size
