@@ -22,7 +22,7 @@ import errno
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Self
+from typing import NamedTuple, Self, TypeVar
 
 from emulator.vfio_user.messages import (
     DEFAULT_MAX_MSG_SIZE,
@@ -39,7 +39,6 @@ from emulator.vfio_user.messages import (
     IrqInfo,
     IrqSetFlags,
     MsgType,
-    Payload,
     RegionAccess,
     RegionInfo,
     RegionIoFdsReply,
@@ -50,6 +49,7 @@ from emulator.vfio_user.messages import (
     Version,
 )
 from wire.errors import DecodeError, LocalProtocolError, RemoteProtocolError, StateError
+from wire.payload import Payload
 from wire.unix import close_fds
 
 __all__ = [
@@ -64,6 +64,7 @@ _MAX_MSG_ID = 0xFFFF
 _MAX_U32 = 0xFFFF_FFFF
 _NO_FLAGS = HeaderFlags(0)
 _Header = tuple[int, int, int, int, int]
+_A = TypeVar("_A", RegionAccess, DmaAccess)
 
 
 class Role(enum.Enum):
@@ -139,7 +140,7 @@ Parser = Callable[[memoryview], Payload | None]
 
 class _Rule(NamedTuple):
     parse: Parser
-    types: tuple[type, ...]
+    types: tuple[type[Payload], ...]
     allow_empty: bool
     max_fds: int | None  # None: as many as the decoder accepts
 
@@ -156,32 +157,25 @@ def _empty_or(parse: Parser) -> Parser:
     return parser
 
 
-def _region_with_data(data: memoryview) -> RegionAccess:
-    access = RegionAccess.unpack(data)
-    if access.count and not access.data:
-        raise RemoteProtocolError("region access without its data", errno.EINVAL)
-    return access
+def _access(kind: type[_A], *, with_data: bool) -> Callable[[memoryview], _A]:
+    """A region or DMA access that must (write command, read reply) or must not carry data."""
+    what = "region" if kind is RegionAccess else "DMA"
+
+    def parse(data: memoryview) -> _A:
+        access = kind.unpack(data)
+        if with_data and access.count and not access.data:
+            raise RemoteProtocolError(f"{what} access without its data", errno.EINVAL)
+        if not with_data and access.data:
+            raise RemoteProtocolError(f"{what} access with unexpected data", errno.EINVAL)
+        return access
+
+    return parse
 
 
-def _region_without_data(data: memoryview) -> RegionAccess:
-    access = RegionAccess.unpack(data)
-    if access.data:
-        raise RemoteProtocolError("region access with unexpected data", errno.EINVAL)
-    return access
-
-
-def _dma_with_data(data: memoryview) -> DmaAccess:
-    access = DmaAccess.unpack(data)
-    if access.count and not access.data:
-        raise RemoteProtocolError("DMA access without its data", errno.EINVAL)
-    return access
-
-
-def _dma_without_data(data: memoryview) -> DmaAccess:
-    access = DmaAccess.unpack(data)
-    if access.data:
-        raise RemoteProtocolError("DMA access with unexpected data", errno.EINVAL)
-    return access
+_region_with_data = _access(RegionAccess, with_data=True)
+_region_without_data = _access(RegionAccess, with_data=False)
+_dma_with_data = _access(DmaAccess, with_data=True)
+_dma_without_data = _access(DmaAccess, with_data=False)
 
 
 def _region_info_request(data: memoryview) -> RegionInfo:
@@ -191,7 +185,7 @@ def _region_info_request(data: memoryview) -> RegionInfo:
     return info
 
 
-def _rule(parse: Parser, *types: type, empty: bool = False, fds: int | None = 0) -> _Rule:
+def _rule(parse: Parser, *types: type[Payload], empty: bool = False, fds: int | None = 0) -> _Rule:
     return _Rule(parse, types, empty, fds)
 
 
