@@ -59,6 +59,7 @@ __all__ = [
     "Role",
     "encode",
     "error_reply_for",
+    "region_reply",
 ]
 
 _MAX_MSG_ID = 0xFFFF
@@ -125,6 +126,17 @@ class Message:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def region_reply(request: Message, offset: int, region: int, count: int, data: bytes) -> bytes:
+    """The encoded success reply to a REGION_READ/WRITE ``request``: the same bytes as
+    ``encode(request.reply(RegionAccess(offset, region, count, data)))`` without building
+    the two objects, which a guest BAR access would pay for on every read (fig3)."""
+    size = _ACCESS_HEAD + len(data)
+    head = _ACCESS_MESSAGE.pack(
+        request.msg_id, request.command, size, _REPLY, 0, offset, region, count
+    )
+    return head + data if data else head
 
 
 def error_reply_for(exc: DecodeError) -> bytes | None:
@@ -238,6 +250,7 @@ _HFLAGS = {0: _NO_FLAGS, int(HeaderFlags.NO_REPLY): HeaderFlags.NO_REPLY}
 # Header and RegionAccess head in one pack: the shape of every guest BAR access and its reply.
 _ACCESS_MESSAGE = struct.Struct(HEADER.format + _ACCESS.format.lstrip("<"))
 _REGION_COMMANDS = frozenset({Command.REGION_READ, Command.REGION_WRITE})
+_REPLY = int(MsgType.REPLY)
 
 
 def _accepts(role: Role) -> dict[tuple[int, int], tuple[Command, _Rule]]:
