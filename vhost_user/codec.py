@@ -7,6 +7,10 @@ to the message whose bytes cover that offset. A UNIX stream socket may hand a la
 fds over together with earlier bytes, so callers read at most ``bytes_needed()`` bytes at a time:
 each read then starts at the header of the message the fds were sent with.
 
+Payloads (and the header) are ``wire.payload.Payload`` subclasses, as in the vfio-user codec:
+decoding tries the payload types the request's spec allows, encoding checks the payload is one
+of them and calls its ``pack()``.
+
 Errors: a broken header (wrong version, oversized body) is fatal, the stream cannot be
 resynchronised; anything wrong inside a complete message raises a non-fatal ``DecodeError``
 (carrying the request number and whether a reply is due, so the caller can still answer) after

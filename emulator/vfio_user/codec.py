@@ -10,6 +10,11 @@ a message is reported only once the whole message is buffered, so the decoder ha
 skipped it, closed its fds and can decode the next one; the error names the ``msg_id`` and
 ``command`` so the caller can send ``error_reply_for(exc)``.
 
+Payloads are ``wire.payload.Payload`` subclasses, as in the vhost-user codec. Region accesses
+(a guest's BAR and config accesses, most of the traffic) are decoded and encoded with
+precomputed structs and ``region_reply`` encodes their replies directly; both give exactly the
+bytes and objects of the general path and do not depend on logging.
+
 Fd attachment follows the kernel: a recvmsg() may glue fd-less bytes in front of a chunk
 that carries fds but never glues anything after it, so the fds received with a chunk belong
 to the message containing the chunk's last byte (the last message that starts in it).
