@@ -7,6 +7,10 @@ to the message whose bytes cover that offset. A UNIX stream socket may hand a la
 fds over together with earlier bytes, so callers read at most ``bytes_needed()`` bytes at a time:
 each read then starts at the header of the message the fds were sent with.
 
+Payloads (and the header) are ``wire.payload.Payload`` subclasses, as in the vfio-user codec:
+decoding tries the payload types the request's spec allows, encoding checks the payload is one
+of them and calls its ``pack()``.
+
 Errors: a broken header (wrong version, oversized body) is fatal, the stream cannot be
 resynchronised; anything wrong inside a complete message raises a non-fatal ``DecodeError``
 (carrying the request number and whether a reply is due, so the caller can still answer) after
@@ -32,12 +36,12 @@ from vhost_user.messages import (
     FdRule,
     FrontendReq,
     MessageSpec,
-    Payload,
     VhostUserHeaderFlag,
     VhostUserU64,
     allowed_fd_count,
 )
 from wire.errors import DecodeError, LocalProtocolError, RemoteProtocolError
+from wire.payload import Payload
 from wire.unix import close_fds
 
 MAX_PAYLOAD_SIZE = 4096
@@ -54,25 +58,14 @@ Request = FrontendReq | BackendReq
 
 
 @dataclass(frozen=True, slots=True)
-class VhostUserHeader:
-    """The 12-byte header: request, flags, size (native byte order)."""
+class VhostUserHeader(Payload):
+    """The 12-byte header: request, flags, size (native byte order). A plain struct like the
+    payloads (rust-vmm's header is ``ByteValued`` too), so it packs and unpacks the same way."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("=III")
     request: int
     flags: int
     size: int
-
-    def pack(self) -> bytes:
-        try:
-            return self.STRUCT.pack(self.request, self.flags, self.size)
-        except struct.error as exc:
-            raise LocalProtocolError(f"header out of range: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        if len(data) != cls.STRUCT.size:
-            raise DecodeError(f"header of {len(data)} bytes", fatal=True)
-        return cls(*cls.STRUCT.unpack(data))
 
 
 HEADER_SIZE = VhostUserHeader.STRUCT.size

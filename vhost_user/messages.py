@@ -4,8 +4,12 @@ Source: QEMU's ``docs/interop/vhost-user.rst`` plus the merged VIRTIO Shared Mem
 series (``GET_SHMEM_CONFIG`` 44, ``BACKEND_SHMEM_MAP``/``UNMAP`` 9/10, protocol feature bit 22;
 the draft patches used bit 20, which upstream later gave to ``GET_VRING_BASE_INFLIGHT``).
 
-All numbers are in native byte order. Payloads only check syntax (sizes, counts, reserved
-values that would make the bytes ambiguous); what a value means is the handler's business.
+All numbers are in native byte order (every ``STRUCT`` says ``=``). Each payload subclasses
+``wire.payload.Payload``, which packs and unpacks the fixed-size ones from their ``STRUCT``
+alone; only the variable-size ones (memory table, config space, shmem config) and those with
+a check the struct cannot express override ``pack``/``unpack``. Payloads only check syntax
+(sizes, counts, reserved values that would make the bytes ambiguous); what a value means is
+the handler's business.
 The tables at the end say, per request, which payload it carries, what the reply carries and
 how many fds may travel with it; the codec enforces them.
 """
@@ -20,6 +24,8 @@ from enum import IntEnum, IntFlag
 from typing import ClassVar, Self
 
 from wire.errors import LocalProtocolError, RemoteProtocolError
+from wire.payload import Payload as Payload  # noqa: PLC0414 - re-exported for importers
+from wire.payload import check_size
 
 VHOST_USER_VERSION = 0x1
 VHOST_USER_VERSION_MASK = 0x3
@@ -163,40 +169,11 @@ class IotlbType(IntEnum):
     ACCESS_FAIL = 4
 
 
-def _check_size(cls: type, data: bytes, size: int) -> None:
-    if len(data) != size:
-        raise RemoteProtocolError(f"{cls.__name__}: payload is {len(data)} bytes, expected {size}")
-
-
-def _check_u64(name: str, value: int) -> None:
-    if not 0 <= value < 1 << 64:
-        raise LocalProtocolError(f"{name}={value} does not fit in a u64")
-
-
-class Payload:
-    """Base of every payload: ``pack()`` gives the wire bytes, ``unpack()`` parses them."""
-
-    __slots__ = ()
-
-    def pack(self) -> bytes:
-        raise NotImplementedError
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        raise NotImplementedError
-
-
 @dataclass(frozen=True, slots=True)
 class NoPayload(Payload):
     """The empty payload (``size`` 0)."""
 
-    def pack(self) -> bytes:
-        return b""
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, 0)
-        return cls()
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=")
 
 
 EMPTY = NoPayload()
@@ -209,15 +186,6 @@ class VhostUserU64(Payload):
     STRUCT: ClassVar[struct.Struct] = struct.Struct("=Q")
     value: int
 
-    def pack(self) -> bytes:
-        _check_u64("u64", self.value)
-        return self.STRUCT.pack(self.value)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.STRUCT.size)
-        return cls(*cls.STRUCT.unpack(data))
-
 
 @dataclass(frozen=True, slots=True)
 class VhostUserVringState(Payload):
@@ -226,17 +194,6 @@ class VhostUserVringState(Payload):
     STRUCT: ClassVar[struct.Struct] = struct.Struct("=II")
     index: int
     num: int
-
-    def pack(self) -> bytes:
-        try:
-            return self.STRUCT.pack(self.index, self.num)
-        except struct.error as exc:
-            raise LocalProtocolError(f"vring state out of range: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.STRUCT.size)
-        return cls(*cls.STRUCT.unpack(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,24 +208,6 @@ class VhostUserVringAddr(Payload):
     avail_user_addr: int
     log_guest_addr: int
 
-    def pack(self) -> bytes:
-        try:
-            return self.STRUCT.pack(
-                self.index,
-                self.flags,
-                self.desc_user_addr,
-                self.used_user_addr,
-                self.avail_user_addr,
-                self.log_guest_addr,
-            )
-        except struct.error as exc:
-            raise LocalProtocolError(f"vring address out of range: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.STRUCT.size)
-        return cls(*cls.STRUCT.unpack(data))
-
 
 @dataclass(frozen=True, slots=True)
 class VhostUserMemoryRegion(Payload):
@@ -280,19 +219,6 @@ class VhostUserMemoryRegion(Payload):
     userspace_addr: int
     mmap_offset: int
 
-    def pack(self) -> bytes:
-        try:
-            return self.STRUCT.pack(
-                self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset
-            )
-        except struct.error as exc:
-            raise LocalProtocolError(f"memory region out of range: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.STRUCT.size)
-        return cls(*cls.STRUCT.unpack(data))
-
 
 @dataclass(frozen=True, slots=True)
 class VhostUserMemory(Payload):
@@ -301,52 +227,49 @@ class VhostUserMemory(Payload):
     QEMU sends only the ``nregions`` regions it uses; a full 8-slot table is accepted too.
     """
 
-    HEADER: ClassVar[struct.Struct] = struct.Struct("=II")
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=II")
     regions: tuple[VhostUserMemoryRegion, ...]
 
     def pack(self) -> bytes:
         if len(self.regions) > VHOST_MEMORY_BASELINE_NREGIONS:
             raise LocalProtocolError(f"{len(self.regions)} memory regions, at most 8 fit")
-        return self.HEADER.pack(len(self.regions), 0) + b"".join(r.pack() for r in self.regions)
+        return self.STRUCT.pack(len(self.regions), 0) + b"".join(r.pack() for r in self.regions)
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        if len(data) < cls.HEADER.size:
-            raise RemoteProtocolError(f"memory table of {len(data)} bytes has no header")
-        nregions, _padding = cls.HEADER.unpack_from(data)
+    def unpack(cls, data: bytes | memoryview) -> Self:
+        check_size(cls, data, cls.STRUCT.size, at_least=True)
+        nregions, _padding = cls.STRUCT.unpack_from(data)
         if nregions > VHOST_MEMORY_BASELINE_NREGIONS:
             raise RemoteProtocolError(f"memory table with {nregions} regions, at most 8")
         region_size = VhostUserMemoryRegion.STRUCT.size
         allowed = {
-            cls.HEADER.size + nregions * region_size,
-            cls.HEADER.size + VHOST_MEMORY_BASELINE_NREGIONS * region_size,
+            cls.STRUCT.size + nregions * region_size,
+            cls.STRUCT.size + VHOST_MEMORY_BASELINE_NREGIONS * region_size,
         }
         if len(data) not in allowed:
             raise RemoteProtocolError(
                 f"memory table of {len(data)} bytes does not fit nregions={nregions}"
             )
-        off = cls.HEADER.size
-        regions = tuple(
-            VhostUserMemoryRegion.unpack(data[off + i * region_size : off + (i + 1) * region_size])
-            for i in range(nregions)
+        regions = VhostUserMemoryRegion.STRUCT.iter_unpack(
+            data[cls.STRUCT.size : cls.STRUCT.size + nregions * region_size]
         )
-        return cls(regions)
+        return cls(tuple(VhostUserMemoryRegion(*fields) for fields in regions))
 
 
 @dataclass(frozen=True, slots=True)
 class VhostUserSingleMemoryRegion(Payload):
     """Single memory region description (ADD_MEM_REG / REM_MEM_REG): u64 padding + region."""
 
-    PADDING: ClassVar[struct.Struct] = struct.Struct("=Q")
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=8xQQQQ")
     region: VhostUserMemoryRegion
 
     def pack(self) -> bytes:
-        return self.PADDING.pack(0) + self.region.pack()
+        return bytes(8) + self.region.pack()
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.PADDING.size + VhostUserMemoryRegion.STRUCT.size)
-        return cls(VhostUserMemoryRegion.unpack(data[cls.PADDING.size :]))
+    def unpack(cls, data: bytes | memoryview) -> Self:
+        check_size(cls, data, cls.STRUCT.size)
+        return cls(VhostUserMemoryRegion(*cls.STRUCT.unpack(data)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,17 +279,6 @@ class VhostUserLog(Payload):
     STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQ")
     mmap_size: int
     mmap_offset: int
-
-    def pack(self) -> bytes:
-        try:
-            return self.STRUCT.pack(self.mmap_size, self.mmap_offset)
-        except struct.error as exc:
-            raise LocalProtocolError(f"log description out of range: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.STRUCT.size)
-        return cls(*cls.STRUCT.unpack(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,23 +292,12 @@ class VhostUserIotlb(Payload):
     perm: int
     type: int
 
-    def pack(self) -> bytes:
-        try:
-            return self.STRUCT.pack(self.iova, self.size, self.uaddr, self.perm, self.type)
-        except struct.error as exc:
-            raise LocalProtocolError(f"IOTLB message out of range: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.STRUCT.size)
-        return cls(*cls.STRUCT.unpack(data))
-
 
 @dataclass(frozen=True, slots=True)
 class VhostUserConfig(Payload):
     """Device config space access: offset, size, flags and ``size`` bytes (at most 256)."""
 
-    HEADER: ClassVar[struct.Struct] = struct.Struct("=III")
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=III")
     offset: int
     size: int
     flags: int
@@ -408,19 +309,18 @@ class VhostUserConfig(Payload):
                 f"config payload of {len(self.payload)} bytes, size={self.size}"
             )
         try:
-            return self.HEADER.pack(self.offset, self.size, self.flags) + self.payload
+            return self.STRUCT.pack(self.offset, self.size, self.flags) + self.payload
         except struct.error as exc:
             raise LocalProtocolError(f"config header out of range: {exc}") from exc
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        if len(data) < cls.HEADER.size:
-            raise RemoteProtocolError(f"config payload of {len(data)} bytes has no header")
-        offset, size, flags = cls.HEADER.unpack_from(data)
+    def unpack(cls, data: bytes | memoryview) -> Self:
+        check_size(cls, data, cls.STRUCT.size, at_least=True)
+        offset, size, flags = cls.STRUCT.unpack_from(data)
         if size > VHOST_USER_MAX_CONFIG_SIZE:
             raise RemoteProtocolError(f"config size {size} exceeds {VHOST_USER_MAX_CONFIG_SIZE}")
-        _check_size(cls, data, cls.HEADER.size + size)
-        return cls(offset, size, flags, bytes(data[cls.HEADER.size :]))
+        check_size(cls, data, cls.STRUCT.size + size)
+        return cls(offset, size, flags, bytes(data[cls.STRUCT.size :]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,17 +331,6 @@ class VhostUserVringArea(Payload):
     u64: int
     size: int
     offset: int
-
-    def pack(self) -> bytes:
-        try:
-            return self.STRUCT.pack(self.u64, self.size, self.offset)
-        except struct.error as exc:
-            raise LocalProtocolError(f"vring area out of range: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.STRUCT.size)
-        return cls(*cls.STRUCT.unpack(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,36 +343,19 @@ class VhostUserInflight(Payload):
     num_queues: int
     queue_size: int
 
-    def pack(self) -> bytes:
-        try:
-            return self.STRUCT.pack(
-                self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size
-            )
-        except struct.error as exc:
-            raise LocalProtocolError(f"inflight description out of range: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.STRUCT.size)
-        return cls(*cls.STRUCT.unpack(data))
-
 
 @dataclass(frozen=True, slots=True)
 class VhostUserShared(Payload):
-    """``VhostUserShared``: a 16-byte UUID."""
+    """``VhostUserShared``: a 16-byte UUID (``pack`` refuses any other length rather than
+    letting ``16s`` pad or cut it)."""
 
-    SIZE: ClassVar[int] = 16
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=16s")
     uuid: bytes
 
     def pack(self) -> bytes:
-        if len(self.uuid) != self.SIZE:
+        if len(self.uuid) != self.STRUCT.size:
             raise LocalProtocolError(f"UUID of {len(self.uuid)} bytes, expected 16")
         return bytes(self.uuid)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.SIZE)
-        return cls(bytes(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,17 +366,6 @@ class VhostUserTransferDeviceState(Payload):
     direction: int
     phase: int
 
-    def pack(self) -> bytes:
-        try:
-            return self.STRUCT.pack(self.direction, self.phase)
-        except struct.error as exc:
-            raise LocalProtocolError(f"transfer parameters out of range: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.STRUCT.size)
-        return cls(*cls.STRUCT.unpack(data))
-
 
 @dataclass(frozen=True, slots=True)
 class VhostUserShMemConfig(Payload):
@@ -514,7 +375,7 @@ class VhostUserShMemConfig(Payload):
     padded with zeros to all 256 entries.
     """
 
-    STRUCT: ClassVar[struct.Struct] = struct.Struct(f"=II{VHOST_USER_MAX_SHMEM_REGIONS}Q")
+    STRUCT: ClassVar[struct.Struct] = struct.Struct(f"=I4x{VHOST_USER_MAX_SHMEM_REGIONS}Q")
     nregions: int
     memory_sizes: tuple[int, ...]
 
@@ -528,14 +389,14 @@ class VhostUserShMemConfig(Payload):
         if not 0 <= self.nregions <= VHOST_USER_MAX_SHMEM_REGIONS:
             raise LocalProtocolError(f"nregions={self.nregions} out of range")
         try:
-            return self.STRUCT.pack(self.nregions, 0, *self.memory_sizes)
+            return self.STRUCT.pack(self.nregions, *self.memory_sizes)
         except struct.error as exc:
             raise LocalProtocolError(f"shared memory size out of range: {exc}") from exc
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.STRUCT.size)
-        nregions, _padding, *sizes = cls.STRUCT.unpack(data)
+    def unpack(cls, data: bytes | memoryview) -> Self:
+        check_size(cls, data, cls.STRUCT.size)
+        nregions, *sizes = cls.STRUCT.unpack(data)
         if nregions > VHOST_USER_MAX_SHMEM_REGIONS:
             raise RemoteProtocolError(f"shared memory config with nregions={nregions}")
         return cls(nregions, tuple(sizes))
@@ -557,19 +418,6 @@ class VhostUserMMap(Payload):
     def writable(self) -> bool:
         return bool(self.flags & VhostUserMMapFlag.RW)
 
-    def pack(self) -> bytes:
-        try:
-            return self.STRUCT.pack(
-                self.shmid, self.fd_offset, self.shm_offset, self.length, self.flags
-            )
-        except struct.error as exc:
-            raise LocalProtocolError(f"MMap request out of range: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_size(cls, data, cls.STRUCT.size)
-        return cls(*cls.STRUCT.unpack(data))
-
 
 @dataclass(frozen=True, slots=True)
 class RawPayload(Payload):
@@ -582,7 +430,7 @@ class RawPayload(Payload):
         return bytes(self.data)
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
+    def unpack(cls, data: bytes | memoryview) -> Self:
         return cls(bytes(data))
 
 

@@ -2,9 +2,13 @@
 
 Layouts follow docs/interop/vfio-user.rst as QEMU 11.1's client (hw/vfio-user/protocol.h)
 really puts them on the wire; where the two disagree the client wins, and the docstring of the
-payload says so. All integers are little-endian. Each payload checks only its own syntax
-(sizes, counts, flag combinations) and raises ``RemoteProtocolError(EINVAL)``; what a value
-means for the device is the handler's business.
+payload says so. All integers are little-endian (every ``STRUCT`` says ``<``). Each payload
+subclasses ``wire.payload.Payload``, the base the vhost-user payloads share: a fixed-size one
+is its ``STRUCT`` and its fields and nothing else; only the variable-size ones (data after a
+head, counted tables, JSON) override ``pack``/``unpack``. Flag fields hold the wire's integer;
+handlers wrap them in the ``IntFlag`` below. Each payload checks only its own syntax (sizes,
+counts, flag combinations) and raises ``RemoteProtocolError(EINVAL)``; what a value means for
+the device is the handler's business.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from emulator.pci.device import NUM_IRQS, NUM_REGIONS, IrqIndex, RegionIndex
 from wire.errors import RemoteProtocolError
+from wire.payload import Payload as Payload  # noqa: PLC0414 - re-exported for importers
+from wire.payload import check_size
 
 __all__ = [
     "CAPABILITIES",
@@ -210,16 +216,6 @@ def _fail(what: str) -> RemoteProtocolError:
     return RemoteProtocolError(what, errno.EINVAL)
 
 
-def _exact(data: bytes | memoryview, size: int, name: str) -> None:
-    if len(data) != size:
-        raise _fail(f"{name} payload is {len(data)} bytes, expected {size}")
-
-
-def _at_least(data: bytes | memoryview, size: int, name: str) -> None:
-    if len(data) < size:
-        raise _fail(f"{name} payload is {len(data)} bytes, expected at least {size}")
-
-
 def _check_capabilities(caps: object) -> None:
     """Type-check the keys we know; unknown keys are allowed (QEMU only warns about them)."""
     if not isinstance(caps, dict):
@@ -242,7 +238,7 @@ def _check_capabilities(caps: object) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class Version:
+class Version(Payload):
     """VERSION command and reply: major, minor, optional NUL-terminated JSON capabilities.
 
     ``capabilities`` is the whole JSON document (``{"capabilities": {...}}``); it is packed
@@ -262,8 +258,8 @@ class Version:
         return head + json.dumps(self.capabilities).encode() + b"\0"
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> Version:
-        _at_least(data, cls.STRUCT.size, "VERSION")
+    def unpack(cls, data: bytes | memoryview) -> Self:
+        check_size(cls, data, cls.STRUCT.size, at_least=True)
         major, minor = cls.STRUCT.unpack_from(data)
         text = bytes(data[cls.STRUCT.size :])
         if not text:
@@ -287,71 +283,44 @@ class Version:
 
 
 @dataclass(frozen=True, slots=True)
-class DmaMap:
+class DmaMap(Payload):
     """DMA_MAP command (32 bytes); the optional fd travels in the message. Empty reply."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIQQQ")
 
     argsz: int
-    flags: DmaMapFlags
+    flags: int  # DmaMapFlags
     offset: int
     address: int
     size: int
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(self.argsz, self.flags, self.offset, self.address, self.size)
-
-    @classmethod
-    def unpack(cls, data: bytes | memoryview) -> DmaMap:
-        _exact(data, cls.STRUCT.size, "DMA_MAP")
-        argsz, flags, offset, address, size = cls.STRUCT.unpack(data)
-        return cls(argsz, DmaMapFlags(flags), offset, address, size)
-
 
 @dataclass(frozen=True, slots=True)
-class DmaUnmap:
+class DmaUnmap(Payload):
     """DMA_UNMAP command (24 bytes); the reply echoes it (QEMU ignores the echo)."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIQQ")
 
     argsz: int
-    flags: DmaUnmapFlags
+    flags: int  # DmaUnmapFlags
     address: int
     size: int
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(self.argsz, self.flags, self.address, self.size)
-
-    @classmethod
-    def unpack(cls, data: bytes | memoryview) -> DmaUnmap:
-        _exact(data, cls.STRUCT.size, "DMA_UNMAP")
-        argsz, flags, address, size = cls.STRUCT.unpack(data)
-        return cls(argsz, DmaUnmapFlags(flags), address, size)
-
 
 @dataclass(frozen=True, slots=True)
-class DeviceInfo:
+class DeviceInfo(Payload):
     """DEVICE_GET_INFO command and reply (16 bytes; QEMU sends argsz 16)."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIII")
 
     argsz: int
-    flags: DeviceFlags
+    flags: int  # DeviceFlags
     num_regions: int
     num_irqs: int
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(self.argsz, self.flags, self.num_regions, self.num_irqs)
-
-    @classmethod
-    def unpack(cls, data: bytes | memoryview) -> DeviceInfo:
-        _exact(data, cls.STRUCT.size, "DEVICE_GET_INFO")
-        argsz, flags, num_regions, num_irqs = cls.STRUCT.unpack(data)
-        return cls(argsz, DeviceFlags(flags), num_regions, num_irqs)
-
 
 @dataclass(frozen=True, slots=True)
-class RegionInfo:
+class RegionInfo(Payload):
     """DEVICE_GET_REGION_INFO command (32 bytes) and reply (32 bytes + capability bytes).
 
     ``caps`` is everything after the fixed struct; ``cap_offset`` counts from the start of
@@ -361,7 +330,7 @@ class RegionInfo:
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIIIQQ")
 
     argsz: int
-    flags: RegionFlags
+    flags: int  # RegionFlags
     index: int
     cap_offset: int
     size: int
@@ -375,11 +344,10 @@ class RegionInfo:
         return head + self.caps if self.caps else head
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> RegionInfo:
-        _at_least(data, cls.STRUCT.size, "DEVICE_GET_REGION_INFO")
+    def unpack(cls, data: bytes | memoryview) -> Self:
+        check_size(cls, data, cls.STRUCT.size, at_least=True)
         argsz, flags, index, cap_offset, size, offset = cls.STRUCT.unpack_from(data)
-        caps = bytes(data[cls.STRUCT.size :])
-        return cls(argsz, RegionFlags(flags), index, cap_offset, size, offset, caps)
+        return cls(argsz, flags, index, cap_offset, size, offset, bytes(data[cls.STRUCT.size :]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,16 +362,13 @@ class RegionCap:
 
 
 @dataclass(frozen=True, slots=True)
-class SparseMmapArea:
+class SparseMmapArea(Payload):
     """One mmap-able window of a region (``struct vfio_region_sparse_mmap_area``)."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQ")
 
     offset: int
     size: int
-
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(self.offset, self.size)
 
 
 def pack_region_caps(caps: tuple[RegionCap, ...] | list[RegionCap]) -> tuple[int, bytes]:
@@ -469,7 +434,7 @@ def parse_sparse_mmap(cap: RegionCap) -> tuple[SparseMmapArea, ...]:
 
 
 @dataclass(frozen=True, slots=True)
-class RegionIoFdsRequest:
+class RegionIoFdsRequest(Payload):
     """DEVICE_GET_REGION_IO_FDS command (16 bytes)."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIII")
@@ -479,20 +444,12 @@ class RegionIoFdsRequest:
     index: int
     count: int
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(self.argsz, self.flags, self.index, self.count)
-
-    @classmethod
-    def unpack(cls, data: bytes | memoryview) -> RegionIoFdsRequest:
-        _exact(data, cls.STRUCT.size, "DEVICE_GET_REGION_IO_FDS")
-        return cls(*cls.STRUCT.unpack(data))
-
 
 @dataclass(frozen=True, slots=True)
-class IoFdSubRegion:
+class IoFdSubRegion(Payload):
     """One 40-byte sub-region; ``datamatch`` is ``user_data`` for an ioregionfd."""
 
-    STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQIIIIQ")
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<QQIII4xQ")
 
     offset: int
     size: int
@@ -501,19 +458,9 @@ class IoFdSubRegion:
     flags: int
     datamatch: int
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(
-            self.offset, self.size, self.fd_index, self.type, self.flags, 0, self.datamatch
-        )
-
-    @classmethod
-    def unpack_from(cls, data: bytes | memoryview, pos: int = 0) -> IoFdSubRegion:
-        offset, size, fd_index, kind, flags, _pad, datamatch = cls.STRUCT.unpack_from(data, pos)
-        return cls(offset, size, fd_index, kind, flags, datamatch)
-
 
 @dataclass(frozen=True, slots=True)
-class RegionIoFdsReply:
+class RegionIoFdsReply(Payload):
     """DEVICE_GET_REGION_IO_FDS reply: 16-byte head and the sub-regions that fit in argsz.
 
     ``count`` is the full number of sub-regions; fewer may be present when the client's
@@ -533,42 +480,34 @@ class RegionIoFdsReply:
         return head + b"".join(sub.pack() for sub in self.sub_regions)
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> RegionIoFdsReply:
-        _at_least(data, cls.STRUCT.size, "DEVICE_GET_REGION_IO_FDS")
+    def unpack(cls, data: bytes | memoryview) -> Self:
+        check_size(cls, data, cls.STRUCT.size, at_least=True)
         argsz, flags, index, count = cls.STRUCT.unpack_from(data)
         size = IoFdSubRegion.STRUCT.size
         body = len(data) - cls.STRUCT.size
         if body % size or body // size > count:
             raise _fail(f"GET_REGION_IO_FDS reply has {body} bytes for {count} sub-regions")
         subs = tuple(
-            IoFdSubRegion.unpack_from(data, pos) for pos in range(cls.STRUCT.size, len(data), size)
+            IoFdSubRegion(*fields)
+            for fields in IoFdSubRegion.STRUCT.iter_unpack(data[cls.STRUCT.size :])
         )
         return cls(argsz, flags, index, count, subs)
 
 
 @dataclass(frozen=True, slots=True)
-class IrqInfo:
+class IrqInfo(Payload):
     """DEVICE_GET_IRQ_INFO command and reply (16 bytes)."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIII")
 
     argsz: int
-    flags: IrqInfoFlags
+    flags: int  # IrqInfoFlags
     index: int
     count: int
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(self.argsz, self.flags, self.index, self.count)
-
-    @classmethod
-    def unpack(cls, data: bytes | memoryview) -> IrqInfo:
-        _exact(data, cls.STRUCT.size, "DEVICE_GET_IRQ_INFO")
-        argsz, flags, index, count = cls.STRUCT.unpack(data)
-        return cls(argsz, IrqInfoFlags(flags), index, count)
-
 
 @dataclass(frozen=True, slots=True)
-class SetIrqs:
+class SetIrqs(Payload):
     """DEVICE_SET_IRQS command: 20 bytes, then ``count`` bool bytes with DATA_BOOL.
 
     With DATA_EVENTFD the eventfds travel in the message (QEMU sends argsz 20 and either
@@ -578,7 +517,7 @@ class SetIrqs:
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIIII")
 
     argsz: int
-    flags: IrqSetFlags
+    flags: int  # IrqSetFlags
     index: int
     start: int
     count: int
@@ -589,8 +528,8 @@ class SetIrqs:
         return head + self.data if self.data else head
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> SetIrqs:
-        _at_least(data, cls.STRUCT.size, "DEVICE_SET_IRQS")
+    def unpack(cls, data: bytes | memoryview) -> Self:
+        check_size(cls, data, cls.STRUCT.size, at_least=True)
         argsz, flags, index, start, count = cls.STRUCT.unpack_from(data)
         data_kind = flags & _IRQ_SET_DATA_MASK
         action = flags & _IRQ_SET_ACTION_MASK
@@ -602,11 +541,11 @@ class SetIrqs:
         expected = count if data_kind == IrqSetFlags.DATA_BOOL else 0
         if len(body) != expected:
             raise _fail(f"SET_IRQS carries {len(body)} data bytes, expected {expected}")
-        return cls(argsz, IrqSetFlags(flags), index, start, count, body)
+        return cls(argsz, flags, index, start, count, body)
 
 
 @dataclass(frozen=True, slots=True)
-class RegionAccess:
+class RegionAccess(Payload):
     """REGION_READ / REGION_WRITE (16 bytes + data).
 
     ``data`` is present in a write command and a read reply and must then be exactly
@@ -625,9 +564,9 @@ class RegionAccess:
         return head + self.data if self.data else head
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> RegionAccess:
+    def unpack(cls, data: bytes | memoryview) -> Self:
         size = cls.STRUCT.size
-        _at_least(data, size, "REGION_READ/WRITE")
+        check_size(cls, data, size, at_least=True)
         offset, region, count = cls.STRUCT.unpack_from(data)
         if len(data) == size:
             return cls(offset, region, count)
@@ -637,7 +576,7 @@ class RegionAccess:
 
 
 @dataclass(frozen=True, slots=True)
-class DmaAccess:
+class DmaAccess(Payload):
     """DMA_READ / DMA_WRITE as QEMU 11.1 lays them out (``VFIOUserDMARW``).
 
     The spec has ``address u64, count u64, data at 16``; QEMU's struct is ``offset u64,
@@ -656,9 +595,9 @@ class DmaAccess:
         return self.STRUCT.pack(self.offset, self.count) + self.data + b"\0" * self.PAD
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> DmaAccess:
+    def unpack(cls, data: bytes | memoryview) -> Self:
         size = cls.STRUCT.size
-        _at_least(data, size + cls.PAD, "DMA_READ/WRITE")
+        check_size(cls, data, size + cls.PAD, at_least=True)
         offset, count = cls.STRUCT.unpack_from(data)
         if len(data) == size + cls.PAD:
             return cls(offset, count)
@@ -668,7 +607,7 @@ class DmaAccess:
 
 
 @dataclass(frozen=True, slots=True)
-class RegionWriteMulti:
+class RegionWriteMulti(Payload):
     """REGION_WRITE_MULTI command: wr_cnt u64, then wr_cnt 24-byte entries.
 
     An entry is ``offset u64, region u32, count u32, data[8]`` (``VFIOUserWROne``); at most
@@ -687,12 +626,12 @@ class RegionWriteMulti:
         return b"".join(parts)
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> RegionWriteMulti:
-        _at_least(data, cls.STRUCT.size, "REGION_WRITE_MULTI")
+    def unpack(cls, data: bytes | memoryview) -> Self:
+        check_size(cls, data, cls.STRUCT.size, at_least=True)
         (count,) = cls.STRUCT.unpack_from(data)
         if count > MULTI_MAX_WRITES:
             raise _fail(f"REGION_WRITE_MULTI has {count} writes, at most {MULTI_MAX_WRITES}")
-        _exact(data, cls.STRUCT.size + count * cls.ENTRY.size, "REGION_WRITE_MULTI")
+        check_size(cls, data, cls.STRUCT.size + count * cls.ENTRY.size)
         writes = []
         for pos in range(cls.STRUCT.size, len(data), cls.ENTRY.size):
             offset, region, length, raw = cls.ENTRY.unpack_from(data, pos)
@@ -703,37 +642,13 @@ class RegionWriteMulti:
 
 
 @dataclass(frozen=True, slots=True)
-class RegionWriteMultiReply:
+class RegionWriteMultiReply(Payload):
     """REGION_WRITE_MULTI reply: the number of writes completed."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<Q")
 
     wr_cnt: int
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(self.wr_cnt)
-
-    @classmethod
-    def unpack(cls, data: bytes | memoryview) -> RegionWriteMultiReply:
-        _exact(data, cls.STRUCT.size, "REGION_WRITE_MULTI reply")
-        return cls(*cls.STRUCT.unpack(data))
-
-
-Payload = (
-    Version
-    | DmaMap
-    | DmaUnmap
-    | DeviceInfo
-    | RegionInfo
-    | RegionIoFdsRequest
-    | RegionIoFdsReply
-    | IrqInfo
-    | SetIrqs
-    | RegionAccess
-    | DmaAccess
-    | RegionWriteMulti
-    | RegionWriteMultiReply
-)
 
 # The largest message a peer may send us before negotiation: a REGION_WRITE (or DMA_WRITE
 # reply) carrying max_data_xfer_size bytes. QEMU bounds its own receive the same way.
