@@ -24,7 +24,7 @@ import errno
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import ClassVar
 
 from vhost_user.messages import (
     BACKEND_SPECS,
@@ -41,6 +41,7 @@ from vhost_user.messages import (
     allowed_fd_count,
 )
 from wire.errors import DecodeError, LocalProtocolError, RemoteProtocolError
+from wire.fds import OwnsFds
 from wire.payload import Payload
 from wire.unix import close_fds
 
@@ -72,7 +73,7 @@ HEADER_SIZE = VhostUserHeader.STRUCT.size
 
 
 @dataclass(slots=True, eq=False)
-class VhostUserMessage:
+class VhostUserMessage(OwnsFds):
     """One decoded or to-be-encoded message. It owns ``fds`` and closes them when its ``with``
     block ends; whoever keeps one beyond that ``dup``-s it."""
 
@@ -88,16 +89,6 @@ class VhostUserMessage:
     @property
     def need_reply(self) -> bool:
         return bool(self.flags & VhostUserHeaderFlag.NEED_REPLY)
-
-    def close(self) -> None:
-        fds, self.fds = self.fds, ()
-        close_fds(fds)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def request(

@@ -28,7 +28,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Self, TypeVar
+from typing import NamedTuple, TypeVar
 
 from emulator.vfio_user.messages import (
     DEFAULT_MAX_MSG_SIZE,
@@ -55,6 +55,7 @@ from emulator.vfio_user.messages import (
     Version,
 )
 from wire.errors import DecodeError, LocalProtocolError, RemoteProtocolError, StateError
+from wire.fds import OwnsFds
 from wire.payload import Payload
 from wire.unix import close_fds
 
@@ -84,7 +85,7 @@ class Role(enum.Enum):
 
 
 @dataclass(slots=True)
-class Message:
+class Message(OwnsFds):
     """One vfio-user message. It owns ``fds`` and closes them when its ``with`` block ends."""
 
     command: Command
@@ -120,17 +121,6 @@ class Message:
     def error_reply(self, err: int) -> Message:
         """The error reply to this command: header only, ERROR flag and ``err``."""
         return Message(self.command, self.msg_id, None, (), MsgType.REPLY, HeaderFlags.ERROR, err)
-
-    def close(self) -> None:
-        """Close the fds: whoever keeps one beyond this message has ``dup``-ed it."""
-        fds, self.fds = self.fds, ()
-        close_fds(fds)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def region_reply(request: Message, offset: int, region: int, count: int, data: bytes) -> bytes:

@@ -7,12 +7,12 @@ table (nothing changes on refusal), the guest's view of BAR 4 and the emulator b
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from testkit.launchers import emulator_argv
 from tests.fuzz import campaign
 from tests.fuzz.engines import ChannelEngine, HypothesisDraw, RandomDraw
 from tests.fuzz.invariants import Stats, counting_refusals
@@ -64,17 +64,7 @@ def test_cli_channel_smoke(workdir: Path) -> None:
     sock = workdir / "vhost.sock"
     with ScriptedBackend(sock) as backend:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "emulator",
-                "--vfio-user-socket",
-                str(workdir / "v.sock"),
-                "--virtio-id",
-                "4",
-                "--vhost-user-socket",
-                str(sock),
-            ],
+            emulator_argv(workdir / "v.sock", "--virtio-id", "4", "--vhost-user-socket", str(sock)),
             stderr=subprocess.PIPE,
             text=True,
         )

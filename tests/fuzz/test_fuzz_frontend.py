@@ -6,12 +6,12 @@ configured timeouts, and give every fd back."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from testkit.launchers import emulator_argv
 from tests.fuzz import campaign
 from tests.fuzz.engines import FrontendEngine, HypothesisDraw
 from tests.fuzz.invariants import Stats, counting_refusals
@@ -43,19 +43,15 @@ def test_cli_with_a_garbage_backend_exits_with_a_clear_error(workdir: Path) -> N
     sock = workdir / "garbage.sock"
     with ScriptedBackend(sock, policy=lambda _req, _i: "bad-version"):
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "emulator",
-                "--vfio-user-socket",
-                str(workdir / "v.sock"),
+            emulator_argv(
+                workdir / "v.sock",
                 "--virtio-id",
                 "4",
                 "--vhost-user-socket",
                 str(sock),
                 "--backend-timeout",
                 "1",
-            ],
+            ),
             capture_output=True,
             text=True,
             timeout=30,
