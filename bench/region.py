@@ -32,7 +32,7 @@ from emulator.config import EmulatorConfig
 from emulator.pci.device import RegionIndex
 from emulator.vfio_user import messages as m
 from emulator.vfio_user.client import VfioUserClient
-from emulator.vfio_user.codec import Decoder, Message, Role, encode
+from emulator.vfio_user.codec import Message, Role, VfioUserDecoder, encode
 from wire.unix import recv_with_fds, send_with_fds
 
 BAR4 = RegionIndex.BAR4
@@ -190,7 +190,7 @@ def stage_breakdown(count: int) -> dict[str, float]:
         device = emulator.device
         request = Message(m.Command.REGION_READ, 7, m.RegionAccess(0x40, BAR4, 8))
         wire, _ = encode(request)
-        decoder = Decoder(Role.SERVER)
+        decoder = VfioUserDecoder(Role.SERVER)
 
         def decode() -> Message | None:
             decoder.feed(wire, ())

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from emulator.pci.device import RegionIndex
 from emulator.vfio_user import messages as m
 from emulator.vfio_user.client import VfioUserClient
-from emulator.vfio_user.codec import Decoder, Message, Role, encode
+from emulator.vfio_user.codec import Message, Role, VfioUserDecoder, encode
 from wire.unix import recv_with_fds
 
 RAM_SIZE = 16 << 20
@@ -62,7 +62,7 @@ def _pipelined(sock: socket.socket, count: int) -> None:
         encode(Message(m.Command.REGION_READ, i & 0xFFFF, m.RegionAccess((i * 8) & 0xFFF, 4, 8)))[0]
         for i in range(count)
     )
-    decoder = Decoder(Role.CLIENT)
+    decoder = VfioUserDecoder(Role.CLIENT)
     sock.sendall(wire)
     replies = 0
     while replies < count:

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from vhost_user.codec import Channel, Decoder, VhostUserMessage, encode, reply_to, request
+from vhost_user.codec import Channel, VhostUserDecoder, VhostUserMessage, encode, reply_to, request
 from vhost_user.messages import (
     EMPTY,
     BackendReq,
@@ -49,7 +49,7 @@ class LockstepFrontend:
 
     def __init__(self, path: str | Path, timeout: float = 5.0) -> None:
         self.sock = connect_unix(path, timeout)
-        self.decoder = Decoder(Channel.FRONTEND, expect_replies=True)
+        self.decoder = VhostUserDecoder(Channel.FRONTEND, expect_replies=True)
 
     def send(self, msg: VhostUserMessage) -> None:
         data, fds = encode(msg)
@@ -139,7 +139,7 @@ class ChannelPeer:
         self.thread.start()
 
     def _run(self) -> None:
-        decoder = Decoder(Channel.BACKEND, expect_replies=False)
+        decoder = VhostUserDecoder(Channel.BACKEND, expect_replies=False)
         try:
             while self.codes or self.then is not None:
                 while (msg := decoder.next_message()) is None:

@@ -148,7 +148,7 @@ def encode(msg: VhostUserMessage) -> tuple[bytes, tuple[int, ...]]:
     return VhostUserHeader(msg.request, msg.flags, len(body)).pack() + body, msg.fds
 
 
-class Decoder:
+class VhostUserDecoder:
     """Incremental decoder for one direction of one channel.
 
     ``expect_replies`` True/False rejects messages of the other kind; None accepts both.

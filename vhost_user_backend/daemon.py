@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from vhost_user.codec import (
     Channel,
-    Decoder,
+    VhostUserDecoder,
     VhostUserMessage,
     describe,
     encode,
@@ -153,7 +153,7 @@ class VhostUserDaemon:
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
         self._conn_log = log
-        self._decoder: Decoder | None = None
+        self._decoder: VhostUserDecoder | None = None
         self._channel: socket.socket | None = None
         self._channel_lock = threading.Lock()
         self._sel = selectors.DefaultSelector()
@@ -270,7 +270,7 @@ class VhostUserDaemon:
         self._connections += 1
         self._conn = conn
         self._conn_log = log.getChild(f"conn{self._connections}")
-        self._decoder = Decoder(Channel.FRONTEND, expect_replies=False)
+        self._decoder = VhostUserDecoder(Channel.FRONTEND, expect_replies=False)
         self._sel.unregister(self._listener)
         self._sel.register(conn, selectors.EVENT_READ, self._readable)
         self._conn_log.info("front-end connected")
@@ -683,7 +683,7 @@ class VhostUserDaemon:
             raise FrontendRefused(req, reply)
 
     def _read_channel_reply(self, sock: socket.socket, req: BackendReq) -> int:
-        decoder = Decoder(Channel.BACKEND, expect_replies=True)
+        decoder = VhostUserDecoder(Channel.BACKEND, expect_replies=True)
         sock.settimeout(self.reply_timeout)
         try:
             while (msg := decoder.next_message()) is None:

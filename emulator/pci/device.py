@@ -43,7 +43,7 @@ class IrqIndex(enum.IntEnum):
 NUM_IRQS = 5
 
 
-class RegionAccess(enum.IntFlag):
+class RegionPermission(enum.IntFlag):
     """What the client may do with a region (VFIO_REGION_INFO_FLAG_READ/WRITE)."""
 
     NONE = 0
@@ -52,12 +52,12 @@ class RegionAccess(enum.IntFlag):
 
 
 @dataclass(frozen=True, slots=True)
-class RegionInfo:
+class DeviceRegion:
     """Size and permitted access of one region; size 0 means the region does not exist."""
 
     index: int
     size: int
-    access: RegionAccess
+    access: RegionPermission
 
 
 class PciDevice(Protocol):
@@ -66,7 +66,7 @@ class PciDevice(Protocol):
     msix: IrqEventfds
     intx: IrqEventfds
 
-    def region_info(self, index: int) -> RegionInfo:
+    def region_info(self, index: int) -> DeviceRegion:
         """Describe region ``index`` (0 <= index < NUM_REGIONS)."""
         ...
 

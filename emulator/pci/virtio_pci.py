@@ -30,7 +30,7 @@ from typing import Protocol
 
 from emulator.errors import ConfigError
 from emulator.pci.config import PciCapId, PciCommand, PciConfigSpace, PciReg
-from emulator.pci.device import NUM_REGIONS, IrqIndex, RegionAccess, RegionIndex, RegionInfo
+from emulator.pci.device import NUM_REGIONS, DeviceRegion, IrqIndex, RegionIndex, RegionPermission
 from emulator.pci.interrupts import IrqEventfds
 from emulator.virtio.device import VirtioDevice
 from emulator.virtio.state import NO_VECTOR, UNSUPPORTED_FEATURES, VirtioDeviceId, VirtioState
@@ -414,10 +414,10 @@ class VirtioPciDevice:
 
     # PciDevice
 
-    def region_info(self, index: int) -> RegionInfo:
+    def region_info(self, index: int) -> DeviceRegion:
         size = self._regions[index].size if 0 <= index < NUM_REGIONS else 0
-        access = RegionAccess.READ | RegionAccess.WRITE if size else RegionAccess.NONE
-        return RegionInfo(index=index, size=size, access=access)
+        access = RegionPermission.READ | RegionPermission.WRITE if size else RegionPermission.NONE
+        return DeviceRegion(index=index, size=size, access=access)
 
     def region_read(self, index: int, offset: int, size: int) -> bytes:
         region = self._regions[index] if 0 <= index < NUM_REGIONS else ABSENT_REGION

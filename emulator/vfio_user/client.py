@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from emulator.errors import EmulatorError
-from emulator.vfio_user.codec import Decoder, Message, Role, encode, error_reply_for
+from emulator.vfio_user.codec import Message, Role, VfioUserDecoder, encode, error_reply_for
 from emulator.vfio_user.messages import (
     CAP_MAX_BITMAP_SIZE,
     CAP_MAX_DATA_XFER_SIZE,
@@ -143,7 +143,7 @@ class VfioUserClient:
     def __init__(self, sock: socket.socket, *, timeout: float = 5.0) -> None:
         sock.settimeout(timeout)
         self._sock = sock
-        self._decoder = Decoder(Role.CLIENT)
+        self._decoder = VfioUserDecoder(Role.CLIENT)
         self._next_id = 0
         self.server_version: Version | None = None
         self.max_data_xfer_size = DEFAULT_MAX_DATA_XFER_SIZE

@@ -1,6 +1,6 @@
 """Sans-IO vfio-user codec: bytes and fds in, typed ``Message`` objects out, and back.
 
-The same ``Decoder`` serves both ends; its ``Role`` says which direction it reads. A server
+The same ``VfioUserDecoder`` serves both ends; its ``Role`` says which direction it reads. A server
 reads the client's commands and the replies to its own DMA_READ/DMA_WRITE; a client reads
 replies and the server's DMA_READ/DMA_WRITE commands.
 
@@ -60,9 +60,9 @@ from wire.payload import Payload
 from wire.unix import close_fds
 
 __all__ = [
-    "Decoder",
     "Message",
     "Role",
+    "VfioUserDecoder",
     "encode",
     "error_reply_for",
     "region_reply",
@@ -262,7 +262,7 @@ def _accepts(role: Role) -> dict[tuple[int, int], tuple[Command, _Rule]]:
 _ACCEPTS = {role: _accepts(role) for role in Role}
 
 
-class Decoder:
+class VfioUserDecoder:
     """Incremental decoder for one connection; see the module docstring for the rules."""
 
     def __init__(

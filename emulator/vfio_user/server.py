@@ -29,18 +29,18 @@ from emulator.memory import GuestMemory
 from emulator.pci.device import (
     NUM_IRQS,
     NUM_REGIONS,
+    DeviceRegion,
     IrqIndex,
     PciDevice,
-    RegionAccess,
-    RegionInfo,
+    RegionPermission,
 )
 from emulator.pci.interrupts import IrqEventfds
 from emulator.trace import Tracer
 from emulator.vfio_user import messages as m
 from emulator.vfio_user.codec import (
-    Decoder,
     Message,
     Role,
+    VfioUserDecoder,
     encode,
     error_reply_for,
     region_reply,
@@ -68,7 +68,8 @@ SERVER_CAPABILITIES = {
 }
 _REGION_INFO_SIZE = m.RegionInfo.STRUCT.size
 SEND_TIMEOUT = 5.0
-_READ, _WRITE = RegionAccess.READ, RegionAccess.WRITE  # an enum class lookup costs per access
+#: An enum class lookup costs per access.
+_READ, _WRITE = RegionPermission.READ, RegionPermission.WRITE
 _IRQ_FLAGS = {
     IrqIndex.INTX: m.IrqInfoFlags.EVENTFD | m.IrqInfoFlags.MASKABLE | m.IrqInfoFlags.AUTOMASKED,
     IrqIndex.MSI: m.IrqInfoFlags.EVENTFD,
@@ -102,7 +103,7 @@ class VfioUserServer:
         self.clients_served = 0
         self._listener: socket.socket | None = None
         self._client: socket.socket | None = None
-        self._decoder: Decoder | None = None
+        self._decoder: VfioUserDecoder | None = None
         self._negotiated = False
         self._max_data_xfer = m.DEFAULT_MAX_DATA_XFER_SIZE
         self._irqs: dict[int, IrqEventfds] = {
@@ -113,8 +114,8 @@ class VfioUserServer:
         }
         # Region sizes and permissions never change after the device is built.
         self._region_infos = tuple(device.region_info(index) for index in range(NUM_REGIONS))
-        self._readable = tuple(bool(i.access & RegionAccess.READ) for i in self._region_infos)
-        self._writable = tuple(bool(i.access & RegionAccess.WRITE) for i in self._region_infos)
+        self._readable = tuple(bool(i.access & RegionPermission.READ) for i in self._region_infos)
+        self._writable = tuple(bool(i.access & RegionPermission.WRITE) for i in self._region_infos)
         self._observed = False  # DEBUG logging or tracing on; read again at every wake-up
         self._handlers: dict[m.Command, Handler] = {
             m.Command.VERSION: self._version,
@@ -177,7 +178,7 @@ class VfioUserServer:
         client.setblocking(True)
         set_send_timeout(client, SEND_TIMEOUT)
         self._client = client
-        self._decoder = Decoder(Role.SERVER)
+        self._decoder = VfioUserDecoder(Role.SERVER)
         self._negotiated = False
         self._max_data_xfer = m.DEFAULT_MAX_DATA_XFER_SIZE
         self.clients_served += 1
@@ -401,9 +402,9 @@ class VfioUserServer:
             raise RemoteProtocolError(f"region info argsz {request.argsz} < {_REGION_INFO_SIZE}")
         info = self._region(request.index)
         flags = m.RegionFlags(0)
-        if info.access & RegionAccess.READ:
+        if info.access & RegionPermission.READ:
             flags |= m.RegionFlags.READ
-        if info.access & RegionAccess.WRITE:
+        if info.access & RegionPermission.WRITE:
             flags |= m.RegionFlags.WRITE
         # No region is mmappable: QEMU maps region fds once and never again, and the
         # shared-memory BAR changes under it. Without capabilities the answer is 32 bytes.
@@ -498,13 +499,13 @@ class VfioUserServer:
 
     # -- checks ------------------------------------------------------------------------------
 
-    def _region(self, index: int) -> RegionInfo:
+    def _region(self, index: int) -> DeviceRegion:
         if not 0 <= index < NUM_REGIONS:
             raise RemoteProtocolError(f"no region {index}")
         return self._region_infos[index]
 
     def _check_access(
-        self, access: m.RegionAccess, allowed: tuple[bool, ...], need: RegionAccess
+        self, access: m.RegionAccess, allowed: tuple[bool, ...], need: RegionPermission
     ) -> None:
         """``allowed`` is ``_readable`` or ``_writable``: a tuple lookup, not an IntFlag test
         per guest access."""
@@ -525,7 +526,7 @@ class VfioUserServer:
 
 def _decode_reply(data: bytes) -> Message:
     """An encoded reply as a Message again, for the observers (never on the unobserved path)."""
-    decoder = Decoder(Role.CLIENT)
+    decoder = VfioUserDecoder(Role.CLIENT)
     decoder.feed(data)
     reply = decoder.next_message()
     decoder.close()

@@ -13,7 +13,7 @@ import logging
 import socket
 
 from emulator.trace import Tracer
-from vhost_user.codec import HEADER_SIZE, Channel, Decoder, VhostUserMessage, encode
+from vhost_user.codec import HEADER_SIZE, Channel, VhostUserDecoder, VhostUserMessage, encode
 from wire.errors import DecodeError, TransportError
 from wire.unix import close_fds, recv_with_fds, send_with_fds
 
@@ -31,7 +31,7 @@ class MessageStream:
         log: logging.Logger,
     ) -> None:
         self.sock = sock
-        self.decoder = Decoder(channel, expect_replies=expect_replies)
+        self.decoder = VhostUserDecoder(channel, expect_replies=expect_replies)
         self.tracer = tracer
         self.log = log
         self._trace_channel = f"vhost-user-{channel.value}"

@@ -43,7 +43,7 @@ class Result:
 class Target:
     """A resolved ``BDF --bar N`` or ``BDF --shm ID``: where in which BAR, how big."""
 
-    device: sysfs.PciDevice
+    device: sysfs.SysfsPciDevice
     bar: int
     base: int
     size: int
@@ -124,7 +124,7 @@ def _check_aligned(off: int, length: int, width: int) -> None:
 # ---- commands ----
 
 
-def _device_json(dev: sysfs.PciDevice) -> tuple[dict[str, Any], list[str]]:
+def _device_json(dev: sysfs.SysfsPciDevice) -> tuple[dict[str, Any], list[str]]:
     resources = dev.resources()
     report = caps.parse(dev.config(), resources, virtio=dev.is_virtio)
     bars = [

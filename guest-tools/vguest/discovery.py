@@ -13,7 +13,7 @@ from typing import Any
 
 from vguest import sysfs
 from vguest.errors import AccessError, DeviceMissing, EnvironmentProblem
-from vguest.sysfs import PciDevice
+from vguest.sysfs import SysfsPciDevice
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,13 @@ def uses_udev(sysfs_root: str | Path) -> bool:
     return Path(sysfs_root).resolve() == Path("/sys").resolve()
 
 
-def _matches(dev: PciDevice, bdf: str | None, include_all: bool) -> bool:
+def _matches(dev: SysfsPciDevice, bdf: str | None, include_all: bool) -> bool:
     if bdf is not None:
         return dev.bdf == bdf
     return include_all or dev.is_virtio
 
 
-def enumerate_udev() -> list[PciDevice]:
+def enumerate_udev() -> list[SysfsPciDevice]:
     """Every PCI device libudev knows (subsystem "pci"), sorted by BDF."""
     pyudev = load_pyudev()
     context: Any = pyudev.Context()
@@ -55,11 +55,11 @@ def enumerate_udev() -> list[PciDevice]:
 
 def list_devices(
     sysfs_root: str | Path, *, bdf: str | None = None, include_all: bool = False
-) -> list[PciDevice]:
+) -> list[SysfsPciDevice]:
     """Virtio devices (or every device, or the one ``bdf``), sorted by BDF."""
     if bdf is not None:
         bdf = sysfs.normalize_bdf(bdf)
-    devices: list[PciDevice] | None = None
+    devices: list[SysfsPciDevice] | None = None
     if uses_udev(sysfs_root):
         try:
             devices = enumerate_udev()
@@ -70,7 +70,9 @@ def list_devices(
     return [d for d in devices if _matches(d, bdf, include_all)]
 
 
-def wait_for_device(sysfs_root: str | Path, *, bdf: str | None = None, timeout: float) -> PciDevice:
+def wait_for_device(
+    sysfs_root: str | Path, *, bdf: str | None = None, timeout: float
+) -> SysfsPciDevice:
     """Return the device (``bdf``, or any virtio one) once present; ``DeviceMissing`` on timeout."""
     if bdf is not None:
         bdf = sysfs.normalize_bdf(bdf)
@@ -92,7 +94,7 @@ def wait_for_device(sysfs_root: str | Path, *, bdf: str | None = None, timeout: 
     return found
 
 
-def _present(sysfs_root: str | Path, bdf: str | None) -> PciDevice | None:
+def _present(sysfs_root: str | Path, bdf: str | None) -> SysfsPciDevice | None:
     """The wanted device once its directory and attributes are readable, else None."""
     try:
         if bdf is not None:

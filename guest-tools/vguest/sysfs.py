@@ -97,7 +97,7 @@ def devices_dir(sysfs_root: str | Path) -> Path:
 
 
 @dataclass(frozen=True, slots=True)
-class PciDevice:
+class SysfsPciDevice:
     """A PCI function as sysfs shows it."""
 
     bdf: str
@@ -165,9 +165,9 @@ def _read_hex(path: Path) -> int:
         raise AccessError(f"{path}: not a hex number: {text!r}") from exc
 
 
-def device_at(path: Path) -> PciDevice:
+def device_at(path: Path) -> SysfsPciDevice:
     """Describe the device directory ``path`` (named by its BDF)."""
-    return PciDevice(
+    return SysfsPciDevice(
         bdf=path.name,
         path=path,
         vendor=_read_hex(path / "vendor"),
@@ -176,7 +176,7 @@ def device_at(path: Path) -> PciDevice:
     )
 
 
-def get_device(sysfs_root: str | Path, bdf: str) -> PciDevice:
+def get_device(sysfs_root: str | Path, bdf: str) -> SysfsPciDevice:
     """The device with this BDF, or ``DeviceMissing``."""
     name = normalize_bdf(bdf)
     path = devices_dir(sysfs_root) / name
@@ -185,7 +185,7 @@ def get_device(sysfs_root: str | Path, bdf: str) -> PciDevice:
     return device_at(path)
 
 
-def scan(sysfs_root: str | Path) -> list[PciDevice]:
+def scan(sysfs_root: str | Path) -> list[SysfsPciDevice]:
     """All devices by a plain directory scan (fake trees, or when udev is unavailable)."""
     base = devices_dir(sysfs_root)
     if not base.is_dir():

@@ -29,10 +29,8 @@ from emulator.config import EmulatorConfig
 from emulator.errors import ANY_ERROR
 from emulator.pci.device import RegionIndex
 from emulator.vfio_user import messages as vm
-from emulator.vfio_user.codec import Decoder as VfioDecoder
-from emulator.vfio_user.codec import Message, Role, encode
-from vhost_user.codec import Channel, VhostUserMessage, reply_to
-from vhost_user.codec import Decoder as VhostDecoder
+from emulator.vfio_user.codec import Message, Role, VfioUserDecoder, encode
+from vhost_user.codec import Channel, VhostUserDecoder, VhostUserMessage, reply_to
 from vhost_user.codec import encode as vhost_encode
 from vhost_user.messages import (
     EMPTY,
@@ -282,7 +280,7 @@ class ScriptedBackend:
                 self.disconnected.set()
 
     def _serve_connection(self, conn: socket.socket) -> None:
-        decoder = VhostDecoder(Channel.FRONTEND, expect_replies=False)
+        decoder = VhostUserDecoder(Channel.FRONTEND, expect_replies=False)
         index = 0
         try:
             while True:
@@ -467,7 +465,7 @@ class RawVfioClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
-        self.decoder = VfioDecoder(Role.CLIENT, max_msg_size=1 << 22)
+        self.decoder = VfioUserDecoder(Role.CLIENT, max_msg_size=1 << 22)
         self.next_id = 1
         self.sent = 0
 

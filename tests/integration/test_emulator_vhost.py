@@ -42,7 +42,7 @@ from testkit.virtio_driver import (
     wait_eventfd,
 )
 from tests.helpers.processes import procs
-from vhost_user.codec import Channel, Decoder, VhostUserMessage, encode, reply_to
+from vhost_user.codec import Channel, VhostUserDecoder, VhostUserMessage, encode, reply_to
 from vhost_user.messages import (
     BackendReq,
     FrontendReq,
@@ -502,7 +502,7 @@ class StallingBackend:
                 self._converse(conn)
 
     def _converse(self, conn: socket.socket) -> None:
-        decoder = Decoder(Channel.FRONTEND, expect_replies=False)
+        decoder = VhostUserDecoder(Channel.FRONTEND, expect_replies=False)
         try:
             while True:
                 data, fds = recv_with_fds(conn, max(decoder.bytes_needed(), 1))

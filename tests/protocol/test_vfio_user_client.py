@@ -1,6 +1,6 @@
 """The QEMU-like client against a scripted server over a real socketpair.
 
-The peer decodes with the server-role ``Decoder`` and answers each request with one reply
+The peer decodes with the server-role ``VfioUserDecoder`` and answers each request with one reply
 (lockstep), so every test checks both what the client puts on the wire and how it reads
 the answers.
 """
@@ -23,7 +23,7 @@ from emulator.vfio_user.client import (
     VfioUserError,
     bar_size,
 )
-from emulator.vfio_user.codec import Decoder, Message, Role, encode
+from emulator.vfio_user.codec import Message, Role, VfioUserDecoder, encode
 from emulator.vfio_user.messages import (
     Command,
     DeviceFlags,
@@ -65,7 +65,7 @@ class ScriptedServer:
         self.received: list[Message] = []
         self.raw: list[bytes] = []
         self.error: BaseException | None = None
-        self._decoder = Decoder(Role.SERVER)
+        self._decoder = VfioUserDecoder(Role.SERVER)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emulator.vfio_user.codec import Decoder, Message, Role, encode, error_reply_for
+from emulator.vfio_user.codec import Message, Role, VfioUserDecoder, encode, error_reply_for
 from emulator.vfio_user.messages import (
     DEFAULT_MAX_MSG_SIZE,
     Command,
@@ -348,7 +348,7 @@ def with_fds(golden: Golden, make_fds: Callable[[int], list[int]]) -> Message:
     return replace(golden.message, fds=tuple(make_fds(golden.nfds)))
 
 
-def decode_all(decoder: Decoder) -> list[Message]:
+def decode_all(decoder: VfioUserDecoder) -> list[Message]:
     out = []
     while (msg := decoder.next_message()) is not None:
         out.append(msg)
@@ -373,7 +373,7 @@ def test_encode_golden(golden: Golden, make_fds: Callable[[int], list[int]]) -> 
 
 @pytest.mark.parametrize("golden", GOLDEN, ids=GOLDEN_IDS)
 def test_decode_golden_whole(golden: Golden, make_fds: Callable[[int], list[int]]) -> None:
-    decoder = Decoder(golden.role)
+    decoder = VfioUserDecoder(golden.role)
     fds = make_fds(golden.nfds)
     decoder.feed(golden.wire, fds)
     assert decoder.bytes_needed() == 0
@@ -386,7 +386,7 @@ def test_decode_golden_whole(golden: Golden, make_fds: Callable[[int], list[int]
 
 @pytest.mark.parametrize("golden", GOLDEN, ids=GOLDEN_IDS)
 def test_decode_golden_byte_by_byte(golden: Golden, make_fds: Callable[[int], list[int]]) -> None:
-    decoder = Decoder(golden.role)
+    decoder = VfioUserDecoder(golden.role)
     fds = make_fds(golden.nfds)
     for i, byte in enumerate(golden.wire):
         assert decoder.next_message() is None
@@ -400,7 +400,7 @@ def test_decode_golden_byte_by_byte(golden: Golden, make_fds: Callable[[int], li
 def test_decode_golden_with_trailing_data(
     golden: Golden, make_fds: Callable[[int], list[int]]
 ) -> None:
-    decoder = Decoder(golden.role)
+    decoder = VfioUserDecoder(golden.role)
     fds = make_fds(golden.nfds)
     if fds:
         # The kernel ends a recvmsg() after the bytes that carried fds, so the trailing
@@ -421,7 +421,7 @@ def test_decode_golden_with_trailing_data(
 def test_decode_golden_after_leading_data(
     golden: Golden, make_fds: Callable[[int], list[int]]
 ) -> None:
-    decoder = Decoder(golden.role)
+    decoder = VfioUserDecoder(golden.role)
     fds = make_fds(golden.nfds)
     decoder.feed(golden.wire + golden.wire, fds)
     first, second = decode_all(decoder)
@@ -443,7 +443,7 @@ def test_fds_travel_over_a_real_socket(make_fds: Callable[[int], list[int]]) -> 
         data, fds = encode(msg)
         send_with_fds(a, data, fds)
         chunk, received = recv_with_fds(b, 4096)
-        decoder = Decoder(Role.SERVER)
+        decoder = VfioUserDecoder(Role.SERVER)
         decoder.feed(chunk, received)
         got = decoder.next_message()
         assert got is not None and len(got.fds) == 2
@@ -460,7 +460,7 @@ def test_fds_go_to_the_message_holding_the_chunks_last_byte(
     plain = next(g for g in GOLDEN if g.name == "region-read").wire
     with_fd = next(g for g in GOLDEN if g.name == "dma-map-fd").wire
     fd = make_fds(1)
-    decoder = Decoder(Role.SERVER)
+    decoder = VfioUserDecoder(Role.SERVER)
     # The kernel glues fd-less data in front of the chunk that carries the fds.
     decoder.feed(plain + with_fd, fd)
     first, second = decode_all(decoder)
@@ -471,7 +471,7 @@ def test_fds_go_to_the_message_holding_the_chunks_last_byte(
 # --- hostile input ---------------------------------------------------------------------
 
 
-def expect_error(decoder: Decoder, err: int, msg_id: int, command: int) -> DecodeError:
+def expect_error(decoder: VfioUserDecoder, err: int, msg_id: int, command: int) -> DecodeError:
     with pytest.raises(DecodeError) as info:
         decoder.next_message()
     exc = info.value
@@ -480,7 +480,7 @@ def expect_error(decoder: Decoder, err: int, msg_id: int, command: int) -> Decod
 
 
 def test_unknown_command_gets_enosys_and_the_stream_stays_in_sync() -> None:
-    decoder = Decoder(Role.SERVER)
+    decoder = VfioUserDecoder(Role.SERVER)
     decoder.feed(hdr(40, 14, b"abcd") + GOLDEN[0].wire)
     exc = expect_error(decoder, errno.ENOSYS, 40, 14)
     assert error_reply_for(exc) == hdr(40, 14, b"", REPLY | ERROR, errno.ENOSYS)
@@ -488,23 +488,23 @@ def test_unknown_command_gets_enosys_and_the_stream_stays_in_sync() -> None:
 
 
 def test_command_from_the_wrong_side_is_rejected() -> None:
-    decoder = Decoder(Role.SERVER)
+    decoder = VfioUserDecoder(Role.SERVER)
     decoder.feed(hdr(41, 11, le("QI", 0, 0) + bytes(4)))  # DMA_READ is the server's to send
     expect_error(decoder, errno.EINVAL, 41, 11)
-    client = Decoder(Role.CLIENT)
+    client = VfioUserDecoder(Role.CLIENT)
     client.feed(hdr(42, 13, b""))
     expect_error(client, errno.EINVAL, 42, 13)
 
 
 def test_short_payload_is_einval() -> None:
-    decoder = Decoder(Role.SERVER)
+    decoder = VfioUserDecoder(Role.SERVER)
     decoder.feed(hdr(43, 2, le("IIQQ", 32, 3, 0, 0)))
     expect_error(decoder, errno.EINVAL, 43, 2)
     assert decoder.next_message() is None
 
 
 def test_error_on_posted_write_asks_for_no_reply() -> None:
-    decoder = Decoder(Role.SERVER)
+    decoder = VfioUserDecoder(Role.SERVER)
     decoder.feed(hdr(44, 10, le("QII", 0, 2, 4) + b"\0", NO_REPLY))
     exc = expect_error(decoder, errno.EINVAL, 44, 10)
     assert not exc.reply_expected
@@ -513,7 +513,7 @@ def test_error_on_posted_write_asks_for_no_reply() -> None:
 
 @pytest.mark.parametrize("size", [0, 15, DEFAULT_MAX_MSG_SIZE + 1])
 def test_impossible_size_is_fatal(size: int, make_fds: Callable[[int], list[int]]) -> None:
-    decoder = Decoder(Role.SERVER)
+    decoder = VfioUserDecoder(Role.SERVER)
     fds = make_fds(2)
     decoder.feed(struct.pack("<HHIII", 1, 9, size, 0, 0), fds)
     with pytest.raises(DecodeError) as info:
@@ -530,7 +530,7 @@ def test_impossible_size_is_fatal(size: int, make_fds: Callable[[int], list[int]
 
 
 def test_negotiated_maximum_applies() -> None:
-    decoder = Decoder(Role.SERVER, max_msg_size=64)
+    decoder = VfioUserDecoder(Role.SERVER, max_msg_size=64)
     decoder.feed(hdr(1, 10, le("QII", 0, 2, 64) + bytes(64)))
     with pytest.raises(DecodeError) as info:
         decoder.next_message()
@@ -555,7 +555,7 @@ def test_fds_on_a_bad_message_are_closed(
 ) -> None:
     fds = make_fds(nfds)
     before = open_fd_count()
-    decoder = Decoder(Role.SERVER)
+    decoder = VfioUserDecoder(Role.SERVER)
     decoder.feed(wire, fds)
     decoder.feed(GOLDEN[0].wire)
     with pytest.raises(DecodeError) as info:
@@ -569,7 +569,7 @@ def test_fds_on_a_bad_message_are_closed(
 
 def test_close_closes_buffered_fds(make_fds: Callable[[int], list[int]]) -> None:
     fds = make_fds(3)
-    decoder = Decoder(Role.SERVER)
+    decoder = VfioUserDecoder(Role.SERVER)
     decoder.feed(GOLDEN[3].wire[:10], fds)
     assert decoder.buffered_fds == 3
     decoder.close()
@@ -593,7 +593,7 @@ def test_message_owns_its_fds_until_its_with_block_ends(
 
 
 def test_error_reply_with_payload_is_rejected() -> None:
-    decoder = Decoder(Role.CLIENT)
+    decoder = VfioUserDecoder(Role.CLIENT)
     decoder.feed(hdr(9, 9, b"1234", REPLY | ERROR, 5))
     with pytest.raises(DecodeError):
         decoder.next_message()
@@ -615,7 +615,7 @@ def test_error_reply_with_payload_is_rejected() -> None:
     ],
 )
 def test_bad_version_json_is_einval(bad: bytes) -> None:
-    decoder = Decoder(Role.CLIENT)
+    decoder = VfioUserDecoder(Role.CLIENT)
     decoder.feed(hdr(0, 1, le("HH", 0, 0) + bad, REPLY))
     with pytest.raises(DecodeError) as info:
         decoder.next_message()
@@ -792,7 +792,7 @@ def test_round_trip(
         if (command in (Command.DMA_READ, Command.DMA_WRITE)) == is_reply
         else Role.CLIENT
     )
-    decoder = Decoder(role)
+    decoder = VfioUserDecoder(role)
     cut = data.draw(st.integers(0, len(wire)))
     decoder.feed(wire[:cut])
     if cut < len(wire):
@@ -801,7 +801,7 @@ def test_round_trip(
     assert decoder.next_message() == msg
 
 
-def drain(decoder: Decoder) -> None:
+def drain(decoder: VfioUserDecoder) -> None:
     """Decode until the buffer runs dry or framing breaks; only protocol errors may appear."""
     for _ in range(10_000):
         try:
@@ -819,7 +819,7 @@ def drain(decoder: Decoder) -> None:
     cuts=st.lists(st.integers(0, 300)),
 )
 def test_random_bytes_only_raise_protocol_errors(blob: bytes, role: Role, cuts: list[int]) -> None:
-    decoder = Decoder(role, max_msg_size=512)
+    decoder = VfioUserDecoder(role, max_msg_size=512)
     previous = 0
     for cut in [*sorted(c for c in cuts if c <= len(blob)), len(blob)]:
         try:
@@ -844,7 +844,7 @@ def test_framed_garbage_never_desyncs(
     *, msg_id: int, command: int, flags: int, err: int, payload: bytes, role: Role
 ) -> None:
     """A well-framed message with any content is either decoded or skipped, never more."""
-    decoder = Decoder(role)
+    decoder = VfioUserDecoder(role)
     follow = hdr(1, 13, b"", 0 if role is Role.SERVER else REPLY)
     decoder.feed(hdr(msg_id, command, payload, flags, err) + follow)
     try:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from testkit.procfs import fd_count as open_fds
 from vhost_user.codec import (
     Channel,
-    Decoder,
+    VhostUserDecoder,
     VhostUserMessage,
     encode,
     reply_to,
@@ -172,7 +172,7 @@ def test_golden_decode(
     name: str, msg: VhostUserMessage, wire: bytes, nfds: int, split: str
 ) -> None:
     before = open_fds()
-    dec = Decoder(channel_of(msg))
+    dec = VhostUserDecoder(channel_of(msg))
     sent = [os.eventfd(0) for _ in range(nfds)]
     if split == "whole":
         dec.feed(wire, sent)
@@ -195,7 +195,7 @@ def test_golden_decode(
 
 
 def test_fds_go_to_the_message_they_arrived_with() -> None:
-    dec = Decoder(Channel.FRONTEND)
+    dec = VhostUserDecoder(Channel.FRONTEND)
     first, _ = encode(request(FrontendReq.SET_OWNER))
     second = hdr(13, 1, 8) + VhostUserU64(0).pack()
     efd = os.eventfd(0)
@@ -210,7 +210,7 @@ def test_fds_go_to_the_message_they_arrived_with() -> None:
 
 def test_extra_fds_are_rejected_and_closed() -> None:
     before = open_fds()
-    dec = Decoder(Channel.FRONTEND)
+    dec = VhostUserDecoder(Channel.FRONTEND)
     data, _ = encode(request(FrontendReq.GET_FEATURES))
     stray = [os.eventfd(0), os.eventfd(0)]
     dec.feed(data, stray)
@@ -226,7 +226,7 @@ def test_extra_fds_are_rejected_and_closed() -> None:
 
 
 def test_missing_fd_for_kick_is_rejected() -> None:
-    dec = Decoder(Channel.FRONTEND)
+    dec = VhostUserDecoder(Channel.FRONTEND)
     dec.feed(hdr(12, 1, 8) + struct.pack("=Q", 0))
     with pytest.raises(DecodeError):
         dec.next_message()
@@ -234,7 +234,7 @@ def test_missing_fd_for_kick_is_rejected() -> None:
 
 def test_mem_table_needs_one_fd_per_region() -> None:
     before = open_fds()
-    dec = Decoder(Channel.FRONTEND)
+    dec = VhostUserDecoder(Channel.FRONTEND)
     data = hdr(5, 1, 72) + VhostUserMemory((REGION, REGION)).pack()
     dec.feed(data, [os.eventfd(0)])
     with pytest.raises(DecodeError):
@@ -255,7 +255,7 @@ def test_mem_table_needs_one_fd_per_region() -> None:
     ],
 )
 def test_bad_messages(wire: bytes, fatal: bool) -> None:
-    dec = Decoder(Channel.FRONTEND)
+    dec = VhostUserDecoder(Channel.FRONTEND)
     dec.feed(wire)
     with pytest.raises(RemoteProtocolError) as info:
         dec.next_message()
@@ -264,7 +264,7 @@ def test_bad_messages(wire: bytes, fatal: bool) -> None:
 
 def test_fatal_error_closes_pending_fds_and_sticks() -> None:
     before = open_fds()
-    dec = Decoder(Channel.BACKEND)
+    dec = VhostUserDecoder(Channel.BACKEND)
     dec.feed(hdr(9, 2, 40), [os.eventfd(0)])
     with pytest.raises(RemoteProtocolError):
         dec.next_message()
@@ -275,14 +275,14 @@ def test_fatal_error_closes_pending_fds_and_sticks() -> None:
 
 
 def test_expect_replies_rejects_requests() -> None:
-    dec = Decoder(Channel.BACKEND, expect_replies=True)
+    dec = VhostUserDecoder(Channel.BACKEND, expect_replies=True)
     dec.feed(hdr(9, 1, 8) + bytes(8))
     with pytest.raises(DecodeError):
         dec.next_message()
 
 
 def test_get_config_error_reply_is_empty() -> None:
-    dec = Decoder(Channel.FRONTEND, expect_replies=True)
+    dec = VhostUserDecoder(Channel.FRONTEND, expect_replies=True)
     dec.feed(hdr(24, 5, 0))
     msg = dec.next_message()
     assert msg is not None and msg.payload == EMPTY
@@ -355,7 +355,7 @@ def test_round_trip_with_random_splits(msg: VhostUserMessage, data: st.DataObjec
     try:
         wire, fds = encode(msg)
         cuts = sorted(data.draw(st.lists(st.integers(1, len(wire) - 1), max_size=4)))
-        dec = Decoder(channel_of(msg))
+        dec = VhostUserDecoder(channel_of(msg))
         prev = 0
         for cut in [*cuts, len(wire)]:
             dec.feed(wire[prev:cut], fds if prev == 0 else ())
@@ -372,7 +372,7 @@ def test_round_trip_with_random_splits(msg: VhostUserMessage, data: st.DataObjec
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=600), st.sampled_from([Channel.FRONTEND, Channel.BACKEND]))
 def test_random_bytes_raise_only_protocol_errors(blob: bytes, channel: Channel) -> None:
-    dec = Decoder(channel)
+    dec = VhostUserDecoder(channel)
     dec.feed(blob)
     for _ in range(60):
         try:
@@ -393,7 +393,7 @@ def test_random_bytes_raise_only_protocol_errors(blob: bytes, channel: Channel) 
     st.binary(max_size=300),
 )
 def test_random_bodies_for_every_request(req: FrontendReq, flags: int, body: bytes) -> None:
-    dec = Decoder(Channel.FRONTEND)
+    dec = VhostUserDecoder(Channel.FRONTEND)
     dec.feed(hdr(req, 1 | (flags & 0xC), len(body)) + body)
     try:
         msg = dec.next_message()

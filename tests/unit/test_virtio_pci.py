@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from emulator.errors import BackendFailure
 from emulator.pci.config import PciCapId, PciCommand, PciReg, PciStatus
-from emulator.pci.device import IrqIndex, PciDevice, RegionAccess, RegionIndex
+from emulator.pci.device import IrqIndex, PciDevice, RegionIndex, RegionPermission
 from emulator.pci.virtio_pci import (
     CommonCfg,
     VirtioPciCapType,
@@ -318,12 +318,12 @@ def test_region_info_and_irq_count() -> None:
     dev, _ = make()
     info = {i: dev.region_info(i) for i in range(9)}
     assert info[RegionIndex.CONFIG].size == 256
-    assert info[RegionIndex.CONFIG].access == RegionAccess.READ | RegionAccess.WRITE
+    assert info[RegionIndex.CONFIG].access == RegionPermission.READ | RegionPermission.WRITE
     assert info[1].size == 0x1000
     assert info[2].size == 0x4000
     for absent in (0, 3, 4, 5, RegionIndex.ROM, RegionIndex.VGA):
         assert info[absent].size == 0
-        assert info[absent].access == RegionAccess.NONE
+        assert info[absent].access == RegionPermission.NONE
     assert dev.irq_count(IrqIndex.INTX) == 1
     assert dev.irq_count(IrqIndex.MSI) == 0
     assert dev.irq_count(IrqIndex.MSIX) == 3

@@ -103,7 +103,7 @@ def parse_region(text: str) -> tuple[int, int]:
 
 
 @dataclass
-class Mapping:
+class DeviceMapping:
     """One live SHMEM_MAP: the memfd we created and keep, and where it is mapped."""
 
     shmid: int
@@ -137,7 +137,7 @@ class ShmemRngDevice(VhostUserDevice):
                 raise DeviceConfigError(f"shmid {shmid} declared twice")
             sizes[shmid] = size
         self.sizes = [sizes.get(i, 0) for i in range(max(sizes) + 1)] if sizes else []
-        self.mappings: dict[tuple[int, int], Mapping] = {}
+        self.mappings: dict[tuple[int, int], DeviceMapping] = {}
         self.lock = threading.Lock()
         self.backend: VhostUserDaemon | None = None
 
@@ -178,7 +178,7 @@ class ShmemRngDevice(VhostUserDevice):
 
     def map(
         self, shmid: int, shm_offset: int, length: int, pattern: str, seed: int, *, writable: bool
-    ) -> Mapping:
+    ) -> DeviceMapping:
         backend = self._require_backend()
         if length <= 0:
             raise ValueError("length must be positive")
@@ -193,7 +193,7 @@ class ShmemRngDevice(VhostUserDevice):
         except BaseException:
             os.close(memfd)
             raise
-        mapping = Mapping(shmid, shm_offset, length, writable, memfd, pattern, seed)
+        mapping = DeviceMapping(shmid, shm_offset, length, writable, memfd, pattern, seed)
         with self.lock:
             old = self.mappings.pop((shmid, shm_offset), None)
             self.mappings[(shmid, shm_offset)] = mapping
@@ -201,7 +201,7 @@ class ShmemRngDevice(VhostUserDevice):
             os.close(old.memfd)
         return mapping
 
-    def _mapping(self, shmid: int, shm_offset: int) -> Mapping:
+    def _mapping(self, shmid: int, shm_offset: int) -> DeviceMapping:
         with self.lock:
             mapping = self.mappings.get((shmid, shm_offset))
         if mapping is None:
