@@ -8,7 +8,7 @@
      +-- ShmemError             (emulator.shmem) a shared-memory BAR operation failed
      +-- VfioUserError          (emulator.vfio_user.client) our test client's failures
 
-Code that must survive anything a peer does catches ``(EmulatorError, WireError)``.
+Code that must survive anything a peer does catches ``ANY_ERROR`` (both roots).
 """
 
 from __future__ import annotations

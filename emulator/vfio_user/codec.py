@@ -127,10 +127,27 @@ def region_reply(request: Message, offset: int, region: int, count: int, data: b
     """The encoded success reply to a REGION_READ/WRITE ``request``: the same bytes as
     ``encode(request.reply(RegionAccess(offset, region, count, data)))`` without building
     the two objects, which a guest BAR access would pay for on every read (fig3)."""
-    size = _ACCESS_HEAD + len(data)
-    head = _ACCESS_MESSAGE.pack(
-        request.msg_id, request.command, size, _REPLY, 0, offset, region, count
+    return _pack_access(
+        request.msg_id,
+        request.command,
+        _REPLY,
+        offset=offset,
+        region=region,
+        count=count,
+        data=data,
     )
+
+
+def _pack_access(
+    msg_id: int, command: int, type_flags: int, *, offset: int, region: int, count: int, data: bytes
+) -> bytes:
+    """Header and RegionAccess head in one pack, then the data: every guest BAR access."""
+    try:
+        head = _ACCESS_MESSAGE.pack(
+            msg_id, command, _ACCESS_HEAD + len(data), type_flags, 0, offset, region, count
+        )
+    except struct.error as exc:
+        raise LocalProtocolError(f"region access out of range: {exc}") from exc
     return head + data if data else head
 
 
@@ -493,21 +510,16 @@ def encode(message: Message) -> tuple[bytes, tuple[int, ...]]:
         and not message.fds
         and not message.error
     ):
-        data = payload.data
-        try:
-            head = _ACCESS_MESSAGE.pack(
-                message.msg_id,
-                message.command,
-                _ACCESS_HEAD + len(data),
-                message.type | message.flags,
-                0,
-                payload.offset,
-                payload.region,
-                payload.count,
-            )
-        except struct.error as exc:
-            raise LocalProtocolError(f"region access out of range: {exc}") from exc
-        return (head + data if data else head), ()
+        wire = _pack_access(
+            message.msg_id,
+            message.command,
+            message.type | message.flags,
+            offset=payload.offset,
+            region=payload.region,
+            count=payload.count,
+            data=payload.data,
+        )
+        return wire, ()
     rule = _RULES.get((message.command, message.is_reply))
     if rule is None:
         raise LocalProtocolError(f"no such message: {message.command!r} {message.type!r}")

@@ -510,9 +510,7 @@ class VfioUserServer:
         """``allowed`` is ``_readable`` or ``_writable``: a tuple lookup, not an IntFlag test
         per guest access."""
         region = access.region
-        if not 0 <= region < NUM_REGIONS:
-            raise RemoteProtocolError(f"no region {region}")
-        info = self._region_infos[region]
+        info = self._region(region)
         if not allowed[region]:
             raise RemoteProtocolError(f"region {access.region} does not allow {need.name}")
         if access.count > self._max_data_xfer:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from emulator.errors import BackendFailure, ConfigError, EmulatorError
+from emulator.errors import ANY_ERROR, BackendFailure, ConfigError
 from emulator.loop import EventLoop
 from emulator.shmem import ShmemLayout
 from emulator.trace import Tracer
@@ -48,7 +48,7 @@ from vhost_user.messages import (
     VhostUserVringAddr,
     VhostUserVringState,
 )
-from wire.errors import RemoteProtocolError, TransportError, WireError
+from wire.errors import RemoteProtocolError, TransportError
 from wire.unix import set_send_timeout
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class BackendConnection:
             return
         try:
             self._connect()
-        except (OSError, EmulatorError, WireError) as exc:
+        except (OSError, *ANY_ERROR) as exc:
             logger.debug("reconnect to %s failed: %s", self.path, exc)
             self._schedule_reconnect()
 

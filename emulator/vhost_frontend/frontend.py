@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from emulator.config import EmulatorConfig
-from emulator.errors import BackendFailure, EmulatorError
+from emulator.errors import ANY_ERROR, BackendFailure
 from emulator.loop import EventLoop
 from emulator.memory import GuestMemory
 from emulator.pci.interrupts import IrqEventfds
@@ -39,7 +39,6 @@ from vhost_user.messages import (
     shmem_feature,
 )
 from vhost_user.messages import VhostUserProtocolFeature as PF
-from wire.errors import WireError
 from wire.unix import close_fds
 
 logger = logging.getLogger(__name__)
@@ -149,7 +148,7 @@ class VhostUserFrontend:
             try:
                 for queue in queues:
                     self.backend.get_vring_base(queue.index)
-            except (EmulatorError, WireError) as exc:
+            except ANY_ERROR as exc:
                 logger.warning("back-end did not stop its rings cleanly: %s", exc)
         self._close_queue_fds()
 
@@ -159,7 +158,7 @@ class VhostUserFrontend:
         if self.backend.connected and self.backend.has(PF.RESET_DEVICE):
             try:
                 self.backend.reset_device()
-            except (EmulatorError, WireError) as exc:
+            except ANY_ERROR as exc:
                 logger.warning("back-end did not reset cleanly: %s", exc)
         self.drop_mappings()
 
@@ -299,7 +298,7 @@ class VhostUserFrontend:
             if wanted != self._call_fds.get(queue.index):
                 try:
                     self._send_call_fd(queue)
-                except (EmulatorError, WireError) as exc:
+                except ANY_ERROR as exc:
                     logger.warning("could not update the call fd of queue %d: %s", queue.index, exc)
 
     def _memory_changed(self) -> None:
@@ -312,7 +311,7 @@ class VhostUserFrontend:
             return
         try:
             self._send_mem_table()
-        except (EmulatorError, WireError) as exc:
+        except ANY_ERROR as exc:
             logger.warning("could not re-send the memory table: %s", exc)
             if self._device is not None:
                 self._device.set_needs_reset()
