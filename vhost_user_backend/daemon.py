@@ -564,7 +564,9 @@ class VhostUserDaemon:
         for shmid, size in enumerate(sizes):
             if size % PAGE_SIZE:
                 raise RemoteProtocolError(f"shmid {shmid}: size {size:#x} is not page-aligned")
-        return VhostUserShMemConfig(len(sizes), sizes)
+        # nregions counts the declared regions, not the ids: QEMU takes the first nregions
+        # non-zero sizes, and a reply whose count includes holes is refused.
+        return VhostUserShMemConfig.declaring(sizes)
 
     # -- virtqueues ---------------------------------------------------------------------------
     def _reset_vrings(self) -> None:

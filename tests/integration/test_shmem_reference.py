@@ -87,7 +87,7 @@ def test_map_read_write_unmap_end_to_end(daemon: tuple[str, str, int]) -> None:
         reply = fe.call(FrontendReq.GET_SHMEM_CONFIG)
         assert reply is not None
         cfg = reply.payload
-        assert cfg == VhostUserShMemConfig(3, (4 << 20, 0, 64 << 10))
+        assert cfg == VhostUserShMemConfig(2, (4 << 20, 0, 64 << 10))
 
         reply = ctl(cmd="map", shmid=0, shm_offset=0x1000, length=8192, pattern="counter", seed=7)
         assert reply["ok"], reply

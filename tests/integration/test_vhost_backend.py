@@ -120,7 +120,7 @@ def test_negotiation_with_shmem_bit(bit: int, sock_path: str) -> None:
         assert fe.u64(FrontendReq.GET_QUEUE_NUM) == 2
         reply = fe.call(FrontendReq.GET_SHMEM_CONFIG)
         assert reply is not None
-        assert reply.payload == VhostUserShMemConfig(3, (0x400000, 0, 0x2000))
+        assert reply.payload == VhostUserShMemConfig(2, (0x400000, 0, 0x2000))
         cfg = fe.call(FrontendReq.GET_CONFIG, VhostUserConfig(4, 4, 0, bytes(4)))
         assert cfg is not None and cfg.payload == VhostUserConfig(4, 4, 0, bytes([4, 5, 6, 7]))
         assert backend.acked_protocol_features == proto
