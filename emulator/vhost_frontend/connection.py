@@ -222,15 +222,17 @@ class BackendConnection:
         self._warned_shmem_bits = True
         ours = self.shmem_mask.bit_length() - 1
         named = ", ".join(f"{bit} ({SHMEM_FEATURE_BITS[bit]})" for bit in others)
-        choice = str(others[0]) if len(others) == 1 else "|".join(map(str, others))
+        one = len(others) == 1
         logger.warning(
-            "back-end offers protocol feature bit %s but not bit %d, the shared-memory bit of "
+            "back-end offers protocol feature %s %s but not bit %d, the shared-memory bit of "
             "--shmem-feature-bit %d: no shared memory is negotiated; if the back-end means "
-            "shared memory by that bit, restart with --shmem-feature-bit %s",
+            "shared memory by %s, restart with --shmem-feature-bit %s",
+            "bit" if one else "bits",
             named,
             ours,
             ours,
-            choice,
+            "that bit" if one else "one of them",
+            "|".join(map(str, others)),
         )
 
     def _open_channel(self) -> None:
