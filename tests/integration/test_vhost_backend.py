@@ -427,7 +427,7 @@ class RawChannel:
         body, more = recv_with_fds(self.sock, size)
         close_fds([*fds, *more])
         assert len(body) == size
-        return request_id
+        return int(request_id)
 
 
 def shmem_map_in_thread(backend: VhostUserDaemon, memfd: int) -> Future[None]:
