@@ -15,8 +15,17 @@ from pathlib import Path
 from emulator.app import run
 from emulator.config import EmulatorConfig
 from emulator.errors import ANY_ERROR, ConfigError
+from vhost_user.messages import (
+    SHMEM_FEATURE_BIT_DRAFT,
+    SHMEM_FEATURE_BIT_RUST_VMM,
+    SHMEM_FEATURE_BIT_UPSTREAM,
+)
 
-SHMEM_FEATURE_BITS = (22, 20)
+SHMEM_FEATURE_BITS = (
+    SHMEM_FEATURE_BIT_UPSTREAM,
+    SHMEM_FEATURE_BIT_DRAFT,
+    SHMEM_FEATURE_BIT_RUST_VMM,
+)
 
 
 def parse_size(text: str) -> int:
@@ -91,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--shmem-feature-bit",
         type=int,
         choices=SHMEM_FEATURE_BITS,
-        default=22,
-        help="protocol feature bit for shared memory: 22 (upstream) or 20 (draft)",
+        default=SHMEM_FEATURE_BIT_UPSTREAM,
+        help="protocol feature bit for shared memory: 22 (upstream QEMU, the default), 20 (the "
+        "draft patches; upstream's GET_VRING_BASE_INFLIGHT) or 21 (only for back-ends built on "
+        "rust-vmm vhost <= 0.16; upstream's GPA_ADDRESSES)",
     )
     parser.add_argument(
         "--backend-timeout",

@@ -43,7 +43,11 @@ from typing import Any
 
 from vguest.pattern import PatternKind, crc32c, generate
 
-from vhost_user.messages import SHMEM_FEATURE_BIT_DRAFT, SHMEM_FEATURE_BIT_UPSTREAM
+from vhost_user.messages import (
+    SHMEM_FEATURE_BIT_DRAFT,
+    SHMEM_FEATURE_BIT_RUST_VMM,
+    SHMEM_FEATURE_BIT_UPSTREAM,
+)
 from vhost_user_backend.daemon import (
     PAGE_SIZE,
     VIRTIO_F_VERSION_1,
@@ -437,9 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shmem-feature-bit",
         type=int,
-        choices=(SHMEM_FEATURE_BIT_UPSTREAM, SHMEM_FEATURE_BIT_DRAFT),
+        choices=(SHMEM_FEATURE_BIT_UPSTREAM, SHMEM_FEATURE_BIT_DRAFT, SHMEM_FEATURE_BIT_RUST_VMM),
         default=SHMEM_FEATURE_BIT_UPSTREAM,
-        help="protocol feature bit for SHMEM (22 upstream, 20 in the draft patches)",
+        help="protocol feature bit for SHMEM: 22 (upstream, the default), 20 (the draft "
+        "patches; upstream's GET_VRING_BASE_INFLIGHT) or 21 (what rust-vmm vhost <= 0.16 "
+        "back-ends use; upstream's GPA_ADDRESSES, so only against front-ends that expect it)",
     )
     parser.add_argument("--virtio-id", type=int, default=VIRTIO_ID_RNG, help="virtio device id")
     parser.add_argument(
@@ -449,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes for the request queue: os.urandom or the deterministic counter pattern",
     )
     parser.add_argument("--control-socket", help="JSON-lines control socket path")
+    parser.add_argument(
+        "--serve-once",
+        action="store_true",
+        help="exit (status 0) once the first front-end has left, instead of waiting for the next",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
@@ -463,7 +474,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeviceConfigError as exc:
         print(f"vhost-device-shmem: {exc}", file=sys.stderr)
         return 2
-    backend = VhostUserDaemon(device, args.socket_path, shmem_feature_bit=args.shmem_feature_bit)
+    backend = VhostUserDaemon(
+        device,
+        args.socket_path,
+        shmem_feature_bit=args.shmem_feature_bit,
+        serve_once=args.serve_once,
+    )
     control: ControlServer | None = None
     if args.control_socket:
         control = ControlServer(args.control_socket, device)
