@@ -34,7 +34,8 @@ from testkit.process import (
     listening_socket,
     set_pdeathsig,
 )
-from vhost_user_backend.devices.shmem_reference import ControlClient, ControlRefused
+from vhost_user_backend.control import ControlRefused
+from vhost_user_backend.devices.shmem_reference import ControlClient
 
 __all__ = [
     "LISTENING_LINE",
