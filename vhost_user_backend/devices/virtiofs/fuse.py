@@ -240,7 +240,7 @@ class EntryOut(Payload):
     attr_valid_nsec: int
     attr: Attr
 
-    SIZE: ClassVar[int] = 32 + 88
+    SIZE: ClassVar[int] = 40 + 88
 
     def pack(self) -> bytes:
         head = self.STRUCT.pack(
