@@ -236,6 +236,7 @@ class VirtioFsDevice(VhostUserDevice):
             }
 
         result: dict[str, Any] = self.in_worker(snapshot)
+        result["vhost_user"] = {"connected": False}
         backend = self.backend
         if backend is not None:
             with backend.lock:
