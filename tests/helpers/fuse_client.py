@@ -101,13 +101,16 @@ class FuseClient:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self.unique = 0
+        #: the caller's credentials in every request header
+        self.uid = 0
+        self.gid = 0
 
     def raw(
         self, opcode: int, nodeid: int, body: bytes = b"", reply_size: int = 4096
     ) -> tuple[int, bytes]:
         """(errno, reply body) of one request."""
         self.unique += 1
-        header = InHeader(40 + len(body), opcode, self.unique, nodeid, 0, 0, 1, 0, 0)
+        header = InHeader(40 + len(body), opcode, self.unique, nodeid, self.uid, self.gid, 1, 0, 0)
         reply = self.transport.call(header.pack() + body, reply_size + 16)
         assert reply is not None, "no reply"
         out = OutHeader.unpack(reply[:16])
@@ -148,8 +151,10 @@ class FuseClient:
     def open(self, nodeid: int, flags: int = os.O_RDWR) -> int:
         return OpenOut.unpack(self.ok(FuseOpcode.OPEN, nodeid, OpenIn(flags, 0).pack())).fh
 
-    def create(self, parent: int, name: bytes, mode: int = 0o644) -> tuple[EntryOut, int]:
-        args = CreateIn(os.O_RDWR | os.O_CREAT | os.O_EXCL, mode, 0o022, 0).pack() + name + b"\0"
+    def create(
+        self, parent: int, name: bytes, mode: int = 0o644, flags: int = os.O_EXCL
+    ) -> tuple[EntryOut, int]:
+        args = CreateIn(os.O_RDWR | os.O_CREAT | flags, mode, 0o022, 0).pack() + name + b"\0"
         data = self.ok(FuseOpcode.CREATE, parent, args)
         return EntryOut.unpack(data[: EntryOut.SIZE]), OpenOut.unpack(data[EntryOut.SIZE :]).fh
 

@@ -16,7 +16,7 @@ import pytest
 
 from testkit import ChannelPeer, LockstepFrontend
 from testkit.frontend import qemu_map_policy
-from tests.helpers.fuse_client import DAX_CHUNK, FuseClient, VhostRings
+from tests.helpers.fuse_client import DAX_CHUNK, FuseClient, FuseFailed, VhostRings
 from vhost_user.messages import (
     BackendReq,
     FrontendReq,
@@ -183,6 +183,14 @@ def test_files_and_directories_round_trip(rig: Rig) -> None:
     assert attr.attr.size == 100 and stat.S_IMODE(attr.attr.mode) == 0o600
     assert (rig.share / "new.bin").stat().st_size == 100
 
+    # CREATE without O_EXCL opens an existing file; with it, EEXIST.
+    again, afh = fuse.create(ROOT_ID, b"new.bin", flags=0)
+    assert again.nodeid == created.nodeid and again.attr.size == 100
+    fuse.release(created.nodeid, afh)
+    with pytest.raises(FuseFailed) as exists:
+        fuse.create(ROOT_ID, b"new.bin")
+    assert exists.value.errno == errno.EEXIST
+
     sub = fuse.mkdir(ROOT_ID, b"sub")
     assert stat.S_ISDIR(sub.attr.mode) and (rig.share / "sub").is_dir()
     assert fuse.rename(ROOT_ID, b"new.bin", sub.nodeid, b"moved.bin") == 0
@@ -217,6 +225,19 @@ def test_files_and_directories_round_trip(rig: Rig) -> None:
     fuse.forget(entry.nodeid, 1)
     assert rig.device.status()["fuse"]["nodes"] == nodes - 1
     assert fuse.error(FuseOpcode.GETATTR, entry.nodeid, bytes(16)) == errno.ENOENT
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files away")
+def test_new_files_belong_to_the_guest_caller(rig: Rig) -> None:
+    rig.fuse.init()
+    rig.fuse.uid, rig.fuse.gid = 1234, 5678
+    entry, fh = rig.fuse.create(ROOT_ID, b"mine")
+    rig.fuse.release(entry.nodeid, fh)
+    rig.fuse.mkdir(ROOT_ID, b"mydir")
+    for name in ("mine", "mydir"):
+        st = (rig.share / name).stat()
+        assert (st.st_uid, st.st_gid) == (1234, 5678), name
+    assert (entry.attr.uid, entry.attr.gid) == (1234, 5678)
 
 
 def test_escapes_are_refused(rig: Rig, tmp_path: Path) -> None:

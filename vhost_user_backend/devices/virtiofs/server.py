@@ -15,6 +15,9 @@ it itself, inside its own mount); it is never followed on the host: opening, tru
 mapping one fails, and a lookup under it fails with ENOTDIR. Files are reopened through
 ``/proc/self/fd/N`` of the node's fd, which reaches the very inode, not a path.
 
+Run as root, files and directories the guest creates are given the calling guest user's uid
+and gid (the request header's), as virtiofsd does; other requests run with our credentials.
+
 Node ids stand for host inodes (st_dev, st_ino), one node per inode, counted by lookups as
 FUSE requires. Attributes and entries may be cached by the guest for ``timeout`` seconds
 (1 s by default), so changes made on the host side are seen soon.
@@ -24,6 +27,7 @@ Not thread-safe: one thread (the device's worker) calls everything here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -234,6 +238,8 @@ class FuseServer:
         self._next_fh = 1
         self.initialised = False
         self.minor = 0
+        #: run as root: what the guest creates belongs to the guest's caller, not to us
+        self._as_root = os.geteuid() == 0
         self.ops: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         H = Callable[[InHeader, bytes], bytes | None]
@@ -511,6 +517,9 @@ class FuseServer:
         args, rest = _take(MkdirIn, body)
         parent, name = self._node(header.nodeid), _name(rest)
         os.mkdir(name, args.mode & 0o7777, dir_fd=parent.fd)
+        if self._as_root:
+            with contextlib.suppress(OSError):
+                os.chown(name, header.uid, header.gid, dir_fd=parent.fd, follow_symlinks=False)
         node, st = self._lookup(parent, name)
         return self._entry(node, st).pack()
 
@@ -656,8 +665,18 @@ class FuseServer:
         access = args.flags & os.O_ACCMODE
         flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (args.flags & (os.O_EXCL | os.O_TRUNC))
         flags |= (args.flags & _PASS_FLAGS) | (os.O_RDWR if access == os.O_WRONLY else access)
-        fd = os.open(name, flags, args.mode & 0o7777, dir_fd=parent.fd)
+        try:  # O_EXCL first, to know whether the file is new
+            fd = os.open(name, flags | os.O_EXCL, args.mode & 0o7777, dir_fd=parent.fd)
+            new = True
+        except FileExistsError:
+            if args.flags & os.O_EXCL:
+                raise
+            fd = os.open(name, flags & ~os.O_CREAT, dir_fd=parent.fd)
+            new = False
         try:
+            if new and self._as_root:
+                with contextlib.suppress(OSError):
+                    os.fchown(fd, header.uid, header.gid)
             created = os.fstat(fd)
             if not stat.S_ISREG(created.st_mode):
                 raise FuseError(errno.EACCES, "only regular files are created")
