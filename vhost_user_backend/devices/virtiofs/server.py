@@ -80,7 +80,7 @@ from vhost_user_backend.devices.virtiofs.fuse import (
     WriteIn,
     WriteOut,
 )
-from vhost_user_backend.devices.virtiofs.window import DaxWindow, WindowError
+from vhost_user_backend.devices.virtiofs.window import DaxWindow, MapRefused, WindowError
 from wire.errors import WireError
 from wire.payload import Payload
 
@@ -310,6 +310,9 @@ class FuseServer:
             code = exc.errno
         except WindowError as exc:
             code = exc.errno
+        except MapRefused as exc:
+            log.warning("%s: %s", name, exc)
+            code = errno.EIO
         except OSError as exc:
             code = exc.errno or errno.EIO
         except WireError as exc:
