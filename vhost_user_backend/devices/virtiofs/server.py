@@ -421,12 +421,24 @@ class FuseServer:
             os.close(node.fd)
 
     def _resync(self, node: Node, st: os.stat_result) -> None:
-        if self.window is not None and stat.S_ISREG(st.st_mode):
+        """Keep the node's DAX chunks in step with its size. A failure here leaves the chunk
+        as it was and must not fail the request that noticed the change (a GETATTR, say)."""
+        if self.window is None or not stat.S_ISREG(st.st_mode):
+            return
+        try:
             self.window.resync(node.key, st.st_size)
+        except Exception as exc:
+            log.warning(
+                "node %d: DAX window not brought to size %d: %s", node.nodeid, st.st_size, exc
+            )
 
     def _write_back(self, node: Node) -> None:
-        if self.window is not None:
+        if self.window is None:
+            return
+        try:
             self.window.write_back(node.key)
+        except OSError as exc:
+            log.warning("node %d: DAX tail write-back failed: %s", node.nodeid, exc)
 
     def _reopen(self, node: Node, flags: int) -> int:
         """A new fd on a node's regular file (never a symlink, device or FIFO)."""
