@@ -11,11 +11,13 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from testkit import ChannelPeer, LockstepFrontend
 from testkit.frontend import qemu_map_policy
+from testkit.procfs import fd_count
 from tests.helpers.fuse_client import DAX_CHUNK, FuseClient, FuseFailed, VhostRings
 from vhost_user.messages import (
     BackendReq,
@@ -73,7 +75,7 @@ class Rig:
             if req is BackendReq.SHMEM_UNMAP
         ]
 
-    def window(self) -> dict:  # type: ignore[type-arg]
+    def window(self) -> dict[str, Any]:
         status = self.device.status()["window"]
         assert isinstance(status, dict)
         return status
@@ -442,3 +444,21 @@ def test_cache_size_must_be_a_power_of_two_multiple_of_2m(size: int) -> None:
 @pytest.mark.parametrize("size", [0, 2 * MiB, 64 * MiB, 1 << 30])
 def test_good_cache_sizes(size: int) -> None:
     assert check_cache_size(size) == size
+
+
+def test_map_cycles_leak_no_fd(qemu_rig: Rig) -> None:
+    rig = qemu_rig
+    rig.fuse.init()
+    tail = rig.file("tail", b"t" * 5000)
+    pages = rig.file("pages", b"p" * 8192)
+    rig.fuse.setupmapping(tail, 0, 0)  # warm up: the refusal is learnt once
+    assert rig.fuse.removemapping(tail, (0, DAX_CHUNK)) == 0
+    before = fd_count()
+    for i in range(30):
+        node = tail if i % 2 else pages
+        moffset = (i % 4) * DAX_CHUNK
+        assert rig.fuse.setupmapping(node, 0, moffset, write=bool(i % 3)) == 0
+        assert rig.fuse.removemapping(node, (moffset, DAX_CHUNK)) == 0
+    assert fd_count() == before
+    assert rig.window()["live_mappings"] == 0 and not rig.peer.maps
+    assert rig.window()["counters"]["refusals"] == 1
