@@ -19,6 +19,13 @@ goes: the back-end channel, the kick/call/err fds, the guest memory mappings; th
 Then the daemon accepts the next front-end, or with ``serve_once`` returns from
 ``serve_forever``; the library never exits the process.
 
+A device that serves its queues from a thread of its own (so that a queue request may wait for
+the front-end's answer to ``shmem_map`` while the loop keeps answering the front-end, which may
+itself be waiting for us, e.g. QEMU re-sending the memory table before it answers a map) takes
+``VhostUserDaemon.lock`` around its ring and guest-memory accesses: the loop holds it while it
+handles a front-end message or a kick, so the memory table and the rings never change under
+such an access. Nobody may hold it while waiting for the front-end.
+
 Device contract: subclass ``VhostUserDevice`` (or provide the same attributes and methods).
 """
 
@@ -171,6 +178,8 @@ class VhostUserDaemon:
         self._channel_lock = threading.Lock()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        #: held by the loop per wake-up; see the module docstring
+        self.lock = threading.RLock()
         self._stopping = threading.Event()
         self._connected = threading.Event()
         self._channel_ready = threading.Event()
@@ -232,9 +241,11 @@ class VhostUserDaemon:
             while not self._stopping.is_set():
                 for key, _ in self._sel.select():
                     callback: Callable[[], None] = key.data
-                    callback()
+                    with self.lock:
+                        callback()
         finally:
-            self._shutdown()
+            with self.lock:
+                self._shutdown()
 
     def serve_in_thread(self) -> threading.Thread:
         """Listen now, then run the loop in a daemon thread."""

@@ -26,15 +26,12 @@ there, "zero" all zeros; checksums are CRC-32C.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
 import signal
-import socketserver
 import sys
 import threading
 from collections.abc import Sequence
@@ -48,6 +45,8 @@ from vhost_user.messages import (
     SHMEM_FEATURE_BIT_RUST_VMM,
     SHMEM_FEATURE_BIT_UPSTREAM,
 )
+from vhost_user_backend import control
+from vhost_user_backend.control import ControlServer
 from vhost_user_backend.daemon import (
     PAGE_SIZE,
     VIRTIO_F_VERSION_1,
@@ -57,7 +56,6 @@ from vhost_user_backend.daemon import (
 from vhost_user_backend.errors import DaemonError, DeviceConfigError, FrontendRefused
 from vhost_user_backend.vring import Vring
 from wire.errors import StateError, WireError
-from wire.unix import connect_unix
 
 log = logging.getLogger(__name__)
 
@@ -316,72 +314,8 @@ def handle_command(device: ShmemRngDevice, req: dict[str, Any]) -> dict[str, Any
         return {"ok": False, "error": str(exc), "code": exc.errno or errno.EIO}
 
 
-class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """JSON-lines control socket; each connection gets a thread, each line one reply."""
-
-    daemon_threads = True
-
-    def __init__(self, path: str, device: ShmemRngDevice) -> None:
-        self.device = device
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        super().__init__(path, _ControlHandler)
-
-
-class _ControlHandler(socketserver.StreamRequestHandler):
-    server: ControlServer
-
-    def handle(self) -> None:
-        for line in self.rfile:
-            if not line.strip():
-                continue
-            try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError("a command is a JSON object")
-            except ValueError as exc:
-                reply: dict[str, Any] = {"ok": False, "error": f"bad JSON: {exc}", "code": 22}
-            else:
-                log.debug("control <-- %s", req.get("cmd"))
-                reply = handle_command(self.server.device, req)
-            self.wfile.write(json.dumps(reply).encode() + b"\n")
-            self.wfile.flush()
-
-
-class ControlRefused(DaemonError):
-    """A control command that had to succeed got ``{"ok": false, ...}``; ``reply`` is that."""
-
-    def __init__(self, cmd: str, fields: dict[str, Any], reply: dict[str, Any]) -> None:
-        super().__init__(f"control command {cmd} {fields} refused: {reply}")
-        self.reply = reply
-
-
-class ControlClient:
-    """The client side of the control socket: one request line, one reply line.
-
-    ``client("map", shmid=0, ...)`` returns the reply as it is; ``client.ok(...)`` raises
-    ``ControlRefused`` unless it says ``"ok": true``.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], timeout: float = 10.0) -> None:
-        self.sock = connect_unix(path, timeout)
-        self._file = self.sock.makefile("rwb")
-
-    def __call__(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        self._file.write(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
-        self._file.flush()
-        line = self._file.readline()
-        if not line:
-            raise ConnectionError(f"control socket closed while waiting for the {cmd} reply")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
-    def ok(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        """A command that must succeed."""
-        reply = self(cmd, **fields)
-        if reply.get("ok") is not True:
-            raise ControlRefused(cmd, fields, reply)
-        return reply
+class ControlClient(control.ControlClient):
+    """``vhost_user_backend.control.ControlClient`` with this device's commands as methods."""
 
     def map(
         self,
@@ -409,19 +343,6 @@ class ControlClient:
     def read(self, shmid: int, shm_offset: int, length: int, offset: int = 0) -> bytes:
         reply = self.ok("read", shmid=shmid, shm_offset=shm_offset, length=length, offset=offset)
         return bytes.fromhex(reply["data"])
-
-    def status(self) -> dict[str, Any]:
-        return self.ok("status")
-
-    def close(self) -> None:
-        self._file.close()
-        self.sock.close()
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,21 +401,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         shmem_feature_bit=args.shmem_feature_bit,
         serve_once=args.serve_once,
     )
-    control: ControlServer | None = None
+    server: ControlServer | None = None
     if args.control_socket:
-        control = ControlServer(args.control_socket, device)
-        threading.Thread(target=control.serve_forever, name="control", daemon=True).start()
+        server = ControlServer(args.control_socket, lambda req: handle_command(device, req))
+        server.serve_in_thread()
         log.info("control socket on %s", args.control_socket)
     signal.signal(signal.SIGTERM, lambda *_: backend.stop())
     signal.signal(signal.SIGINT, lambda *_: backend.stop())
     try:
         backend.serve_forever()
     finally:
-        if control is not None:
-            control.shutdown()
-            control.server_close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(args.control_socket)
+        if server is not None:
+            server.close()
     return 0
 
 
