@@ -2,6 +2,12 @@
 
 Option names mirror the properties of QEMU's ``vhost-user-test-device`` so a user can move a
 back-end between QEMU's own front-end and this one without relearning anything.
+
+``virtio-emu trace FILE ...`` reads a ``--trace`` file (``emulator.trace_reader``). It is
+dispatched on the first word before the emulator's parser runs, not as an argparse subcommand:
+the emulator's options stay top-level and required, every existing invocation is parsed exactly
+as before (a subparser would demand a command or make the required options conditional), and
+the reader keeps its own small parser and ``--help``.
 """
 
 from __future__ import annotations
@@ -12,11 +18,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from emulator import trace_reader
 from emulator.app import run
 from emulator.config import EmulatorConfig
 from emulator.errors import ANY_ERROR, ConfigError
+from vhost_user.messages import (
+    SHMEM_FEATURE_BIT_DRAFT,
+    SHMEM_FEATURE_BIT_RUST_VMM,
+    SHMEM_FEATURE_BIT_UPSTREAM,
+)
 
-SHMEM_FEATURE_BITS = (22, 20)
+SHMEM_FEATURE_BITS = (
+    SHMEM_FEATURE_BIT_UPSTREAM,
+    SHMEM_FEATURE_BIT_DRAFT,
+    SHMEM_FEATURE_BIT_RUST_VMM,
+)
 
 
 def parse_size(text: str) -> int:
@@ -49,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="virtio-emu",
         description="A virtio 1.x PCI device over vfio-user, fronting a vhost-user back-end, "
         "with guest-visible shared-memory regions.",
+        epilog="virtio-emu trace FILE [--socket NAME] [--type NAME] [--follow] [--json]: "
+        "show a --trace file as a timeline (see virtio-emu trace --help).",
     )
     parser.add_argument(
         "--vfio-user-socket",
@@ -91,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--shmem-feature-bit",
         type=int,
         choices=SHMEM_FEATURE_BITS,
-        default=22,
-        help="protocol feature bit for shared memory: 22 (upstream) or 20 (draft)",
+        default=SHMEM_FEATURE_BIT_UPSTREAM,
+        help="protocol feature bit for shared memory: 22 (upstream QEMU, the default), 20 (the "
+        "draft patches; upstream's GET_VRING_BASE_INFLIGHT) or 21 (only for back-ends built on "
+        "rust-vmm vhost <= 0.16; upstream's GPA_ADDRESSES)",
     )
     parser.add_argument(
         "--backend-timeout",
@@ -169,6 +189,9 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["trace"]:
+        return trace_reader.main(argv[1:])
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

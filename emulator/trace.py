@@ -1,7 +1,10 @@
 """The optional message trace: one JSON line per message, both directions, every socket.
 
 Meant for debugging a peer: ``--trace FILE`` and then ``jq`` over it. Payload fields are the
-decoded dataclass fields; bulk data is summarised by its length.
+decoded dataclass fields; bulk data is summarised by its length. A message a codec refused is
+traced too (``record_refused``): ``cmd`` is ``invalid:NAME`` (or the raw number), with the raw
+header fields, the fd count, the errno and the decode error's text as ``reason``; the peer
+that sent it is the one being debugged.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 import time
 from pathlib import Path
 from typing import IO, Any
+
+from wire.errors import DecodeError
 
 
 class Tracer:
@@ -32,8 +37,10 @@ class Tracer:
         nfds: int = 0,
         payload: object = None,
         error: int | None = None,
+        **extra: object,
     ) -> None:
-        """Append one record; ``direction`` is ``"in"`` or ``"out"`` as seen by the emulator."""
+        """Append one record; ``direction`` is ``"in"`` or ``"out"`` as seen by the emulator.
+        ``extra`` fields are written as they are (they must be JSON values)."""
         if self._file is None:
             return
         entry: dict[str, Any] = {
@@ -52,7 +59,27 @@ class Tracer:
             entry["error"] = error
         if payload is not None:
             entry["payload"] = _jsonable(payload)
+        entry.update(extra)
         self._file.write(json.dumps(entry, separators=(",", ":")) + "\n")
+
+    def record_refused(
+        self, channel: str, command: str, exc: DecodeError, *, size: int | None
+    ) -> None:
+        """A received message the codec refused: ``command`` names its request (or is its raw
+        number), ``size`` is its length on the wire when the header says it."""
+        header = {"request": exc.request, "flags": exc.flags, "size": exc.size}
+        self.record(
+            channel,
+            "in",
+            f"invalid:{command}",
+            msg_id=exc.msg_id,
+            size=size,
+            nfds=exc.nfds,
+            error=exc.errno,
+            header={k: v for k, v in header.items() if v is not None},
+            reason=str(exc),
+            fatal=exc.fatal,
+        )
 
     def close(self) -> None:
         if self._file is not None:

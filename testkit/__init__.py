@@ -5,15 +5,17 @@ Used by tests/, bench/ and vm/ alike, so each of these is written once:
 - ``testkit.process``: ``Process`` (a child whose output lines can be awaited as events, stopped
   with SIGTERM and checked for a clean exit) and ``ProcessGroup`` (teardown order: a guest first,
   then processes in reverse start order; an unclean stop is reported, not hidden).
-- ``testkit.launchers``: the emulator and ``vhost-device-shmem`` as processes, awaited on the
-  ready lines their own modules define; ``Harness`` starts them in a directory.
+- ``testkit.launchers``: the emulator, ``vhost-device-shmem`` and ``vhost-device-fs`` as
+  processes, awaited on the ready lines their own modules define; ``Harness`` starts them in a
+  directory.
 - ``testkit.frontend``: ``LockstepFrontend`` and ``ChannelPeer``, a scripted vhost-user
   front-end for tests of back-ends.
 - ``testkit.virtio_driver``: a Linux-like virtio-pci driver over the vfio-user client.
 - ``testkit.procfs``: fd, eventfd, mapping, memory and CPU counts from ``/proc``.
 
 The reference device's control client is the device's own: ``ControlClient`` in
-``vhost_user_backend.devices.shmem_reference`` (re-exported here).
+``vhost_user_backend.devices.shmem_reference`` (re-exported here); the plain one, for
+``vhost-device-fs``'s ``status``, is ``vhost_user_backend.control.ControlClient``.
 """
 
 from testkit.frontend import ChannelPeer, LockstepFrontend
@@ -22,8 +24,10 @@ from testkit.launchers import (
     READY_LINE,
     Harness,
     emulator_argv,
+    fs_backend_argv,
     shmem_backend_argv,
     start_emulator,
+    start_fs_backend,
     start_shmem_backend,
 )
 from testkit.process import (
@@ -34,7 +38,8 @@ from testkit.process import (
     listening_socket,
     set_pdeathsig,
 )
-from vhost_user_backend.devices.shmem_reference import ControlClient, ControlRefused
+from vhost_user_backend.control import ControlRefused
+from vhost_user_backend.devices.shmem_reference import ControlClient
 
 __all__ = [
     "LISTENING_LINE",
@@ -49,9 +54,11 @@ __all__ = [
     "ProcessGroup",
     "TeardownError",
     "emulator_argv",
+    "fs_backend_argv",
     "listening_socket",
     "set_pdeathsig",
     "shmem_backend_argv",
     "start_emulator",
+    "start_fs_backend",
     "start_shmem_backend",
 ]

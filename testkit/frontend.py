@@ -13,9 +13,11 @@ emulator would::
 from __future__ import annotations
 
 import mmap
+import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vhost_user.codec import Channel, VhostUserDecoder, VhostUserMessage, encode, reply_to, request
@@ -111,7 +113,9 @@ class ChannelPeer:
     request is recorded in ``seen`` as (request, payload, the mapped bytes at that moment). With
     ``keep_maps`` a successful map stays mapped in ``maps[(shmid, shm_offset)]`` (writable if
     the request says so) until a successful unmap, as in a real front-end. ``delay`` holds
-    each reply back (a slow front-end).
+    each reply back (a slow front-end). ``policy``, when given, decides every status instead of
+    ``codes``: it sees the request, its payload and the fd that came with it (or None), e.g.
+    ``qemu_map_policy`` refuses what QEMU 11.1 refuses.
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class ChannelPeer:
         then: int | None = None,
         keep_maps: bool = False,
         delay: float = 0.0,
+        policy: Callable[[BackendReq, VhostUserMMap, int | None], int] | None = None,
     ) -> None:
         self.ours, theirs = socket.socketpair()
         try:
@@ -132,6 +137,7 @@ class ChannelPeer:
         self.then = then
         self.keep_maps = keep_maps
         self.delay = delay
+        self.policy = policy
         self.seen: list[tuple[BackendReq, VhostUserMMap, bytes]] = []
         self.maps: dict[tuple[int, int], mmap.mmap] = {}
         self.reply_failed = False
@@ -141,7 +147,7 @@ class ChannelPeer:
     def _run(self) -> None:
         decoder = VhostUserDecoder(Channel.BACKEND, expect_replies=False)
         try:
-            while self.codes or self.then is not None:
+            while self.codes or self.then is not None or self.policy is not None:
                 while (msg := decoder.next_message()) is None:
                     data, fds = recv_with_fds(self.ours, decoder.bytes_needed())
                     if not data:
@@ -149,7 +155,7 @@ class ChannelPeer:
                     decoder.feed(data, fds)
                 with msg:
                     # Chosen once the request is here: the test may append codes meanwhile.
-                    code = self.codes.pop(0) if self.codes else self.then
+                    code = self._decide(msg)
                     assert code is not None
                     self._answer(msg, code)
                     data, _ = encode(reply_to(msg, VhostUserU64(code)))
@@ -162,6 +168,13 @@ class ChannelPeer:
         finally:
             decoder.close()
 
+    def _decide(self, msg: VhostUserMessage) -> int | None:
+        if self.policy is not None:
+            assert isinstance(msg.payload, VhostUserMMap), msg
+            fd = msg.fds[0] if msg.fds else None
+            return self.policy(BackendReq(msg.request), msg.payload, fd)
+        return self.codes.pop(0) if self.codes else self.then
+
     def _answer(self, msg: VhostUserMessage, code: int) -> None:
         p = msg.payload
         assert isinstance(p, VhostUserMMap), msg
@@ -170,8 +183,15 @@ class ChannelPeer:
         content = b""
         if req is BackendReq.SHMEM_MAP:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if p.writable else 0)
-            mapped = mmap.mmap(msg.fds[0], p.length, prot=prot, offset=p.fd_offset)
-            content = bytes(mapped[: p.length])
+            # Python's mmap will not map past EOF: a map whose last page holds EOF is kept
+            # as far as EOF (the rest of that page reads as zeros, as in a real mapping).
+            size = os.fstat(msg.fds[0]).st_size
+            length = min(p.length, size - p.fd_offset) if size else p.length
+            if length <= 0:
+                self.seen.append((req, p, bytes(p.length)))
+                return
+            mapped = mmap.mmap(msg.fds[0], length, prot=prot, offset=p.fd_offset)
+            content = bytes(mapped[:length]) + bytes(p.length - length)
             if code == 0 and self.keep_maps:
                 self.maps[(p.shmid, p.shm_offset)] = mapped
             else:
@@ -186,3 +206,13 @@ class ChannelPeer:
         for mapped in self.maps.values():
             mapped.close()
         self.maps.clear()
+
+
+def qemu_map_policy(req: BackendReq, p: VhostUserMMap, fd: int | None) -> int:
+    """Status 1 where QEMU 11.1's native front-end refuses a SHMEM_MAP for the file's size:
+    ``fd_offset + length`` past the end of a non-empty file (its RAM-from-fd size check)."""
+    if req is BackendReq.SHMEM_MAP and fd is not None:
+        size = os.fstat(fd).st_size
+        if size and p.fd_offset + p.length > size:
+            return 1
+    return 0

@@ -1,4 +1,5 @@
-"""The project's own programs as processes: the emulator and the reference back-end.
+"""The project's own programs as processes: the emulator and the back-ends on our library
+(the reference shared-memory device and the virtio-fs device).
 
 Both are awaited on the line each logs once its socket accepts a peer; the line is defined once,
 where it is logged (``emulator.vfio_user.server.READY_LINE``,
@@ -28,8 +29,10 @@ __all__ = [
     "READY_LINE",
     "Harness",
     "emulator_argv",
+    "fs_backend_argv",
     "shmem_backend_argv",
     "start_emulator",
+    "start_fs_backend",
     "start_shmem_backend",
 ]
 
@@ -49,6 +52,30 @@ def shmem_backend_argv(
         "vhost_user_backend.devices.shmem_reference",
         "--socket-path",
         str(socket_path),
+    ]
+    if control_socket is not None:
+        argv += ["--control-socket", str(control_socket)]
+    return [*argv, *args]
+
+
+def fs_backend_argv(
+    socket_path: Path,
+    shared_dir: Path,
+    *args: str,
+    tag: str = "testfs",
+    control_socket: Path | None = None,
+) -> list[str]:
+    """``vhost-device-fs`` (as ``python -m``) serving ``shared_dir`` on ``socket_path``."""
+    argv = [
+        sys.executable,
+        "-m",
+        "vhost_user_backend.devices.virtiofs",
+        "--socket-path",
+        str(socket_path),
+        "--shared-dir",
+        str(shared_dir),
+        "--tag",
+        tag,
     ]
     if control_socket is not None:
         argv += ["--control-socket", str(control_socket)]
@@ -99,6 +126,29 @@ def start_shmem_backend(
     return proc
 
 
+def start_fs_backend(
+    group: ProcessGroup,
+    socket_path: Path,
+    shared_dir: Path,
+    *args: str,
+    tag: str = "testfs",
+    control_socket: Path | None = None,
+    name: str = "vhost-device-fs",
+    timeout: float = START_TIMEOUT,
+    log_file: bool = False,
+) -> Process:
+    """Start ``vhost-device-fs`` in ``group`` and return once it listens (its control socket,
+    if any, is bound before that)."""
+    proc = group.start(
+        name,
+        fs_backend_argv(socket_path, shared_dir, *args, tag=tag, control_socket=control_socket),
+        socket_path=socket_path,
+        log_file=log_file,
+    )
+    proc.wait_for_log(LISTENING_LINE + str(socket_path), timeout=timeout)
+    return proc
+
+
 class Harness(ProcessGroup):
     """A ``ProcessGroup`` that starts the project's programs with sockets in ``workdir``."""
 
@@ -124,6 +174,20 @@ class Harness(ProcessGroup):
         """``vhost-device-shmem`` (the reference back-end); waits until it listens."""
         control = None if control_name is None else self.workdir / control_name
         return start_shmem_backend(self, self.workdir / socket_name, *args, control_socket=control)
+
+    def fs_backend(
+        self,
+        shared_dir: Path,
+        *args: str,
+        tag: str = "testfs",
+        socket_name: str = "vhost-fs.sock",
+        control_name: str | None = "fs-control.sock",
+    ) -> Process:
+        """``vhost-device-fs`` serving ``shared_dir``; waits until it listens."""
+        control = None if control_name is None else self.workdir / control_name
+        return start_fs_backend(
+            self, self.workdir / socket_name, shared_dir, *args, tag=tag, control_socket=control
+        )
 
     def control(self, control_name: str = "control.sock") -> ControlClient:
         """A control connection to a back-end started here; closed with the group."""

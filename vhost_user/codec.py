@@ -199,9 +199,18 @@ class VhostUserDecoder:
         self._fds = []
         self._buf.clear()
 
-    def _fail(self, message: str) -> DecodeError:
+    def _fail(self, message: str, header: VhostUserHeader) -> DecodeError:
+        nfds = len(self._fds)
         self.close()
-        self._broken = DecodeError(message, errno.EPROTO, fatal=True)
+        self._broken = DecodeError(
+            message,
+            errno.EPROTO,
+            fatal=True,
+            request=header.request,
+            flags=header.flags,
+            size=header.size,
+            nfds=nfds,
+        )
         return self._broken
 
     def next_message(self) -> VhostUserMessage | None:
@@ -212,9 +221,9 @@ class VhostUserDecoder:
             return None
         header = VhostUserHeader.unpack(bytes(self._buf[:HEADER_SIZE]))
         if header.flags & VHOST_USER_VERSION_MASK != VHOST_USER_VERSION:
-            raise self._fail(f"header flags {header.flags:#x}: unsupported version")
+            raise self._fail(f"header flags {header.flags:#x}: unsupported version", header)
         if header.size > self.max_payload:
-            raise self._fail(f"payload size {header.size} exceeds {self.max_payload}")
+            raise self._fail(f"payload size {header.size} exceeds {self.max_payload}", header)
         end = HEADER_SIZE + header.size
         if len(self._buf) < end:
             return None
@@ -237,14 +246,17 @@ class VhostUserDecoder:
             req: Request = enum_type(header.request)
         except ValueError:
             raise _rejected(
-                f"unknown {self.channel.value} request {header.request}", header, errno.ENOSYS
+                f"unknown {self.channel.value} request {header.request}",
+                header,
+                fds,
+                errno.ENOSYS,
             ) from None
         if req.value == 0:
-            raise _rejected("request 0 (NONE) is not a message", header, errno.ENOSYS)
+            raise _rejected("request 0 (NONE) is not a message", header, fds, errno.ENOSYS)
         is_reply = bool(header.flags & VhostUserHeaderFlag.REPLY)
         if self.expect_replies is not None and is_reply != self.expect_replies:
             kind = "reply" if is_reply else "request"
-            raise _rejected(f"{req.name}: unexpected {kind}", header)
+            raise _rejected(f"{req.name}: unexpected {kind}", header, fds)
         types, rule = _rules(spec_for(req), is_reply)
         payload: Payload | None = None
         problems: list[str] = []
@@ -255,13 +267,23 @@ class VhostUserDecoder:
             except RemoteProtocolError as exc:
                 problems.append(str(exc))
         if payload is None:
-            raise _rejected(f"{req.name}: {'; '.join(problems)}", header)
+            raise _rejected(f"{req.name}: {'; '.join(problems)}", header, fds)
         if len(fds) not in allowed_fd_count(rule, payload):
-            raise _rejected(f"{req.name}: {len(fds)} fds not allowed", header, errno.EBADF)
+            raise _rejected(f"{req.name}: {len(fds)} fds not allowed", header, fds, errno.EBADF)
         return VhostUserMessage(req, header.flags, payload, tuple(fds))
 
 
-def _rejected(message: str, header: VhostUserHeader, code: int = errno.EINVAL) -> DecodeError:
-    """A non-fatal refusal of a complete message; a reply is due when it asked for one."""
-    need_reply = bool(header.flags & VhostUserHeaderFlag.NEED_REPLY)
-    return DecodeError(message, code, request=header.request, reply_expected=need_reply)
+def _rejected(
+    message: str, header: VhostUserHeader, fds: Sequence[int], code: int = errno.EINVAL
+) -> DecodeError:
+    """A non-fatal refusal of a complete message; a reply is due when it asked for one. It
+    carries the raw header and the fd count, for the trace."""
+    return DecodeError(
+        message,
+        code,
+        request=header.request,
+        reply_expected=bool(header.flags & VhostUserHeaderFlag.NEED_REPLY),
+        flags=header.flags,
+        size=header.size,
+        nfds=len(fds),
+    )

@@ -2,7 +2,8 @@
 
 Source: QEMU's ``docs/interop/vhost-user.rst`` plus the merged VIRTIO Shared Memory Region
 series (``GET_SHMEM_CONFIG`` 44, ``BACKEND_SHMEM_MAP``/``UNMAP`` 9/10, protocol feature bit 22;
-the draft patches used bit 20, which upstream later gave to ``GET_VRING_BASE_INFLIGHT``).
+the draft patches used bit 20, which upstream later gave to ``GET_VRING_BASE_INFLIGHT``, and
+rust-vmm's ``vhost`` crate up to 0.16 used bit 21, upstream's ``GPA_ADDRESSES``).
 
 All numbers are in native byte order (every ``STRUCT`` says ``=``). Each payload subclasses
 ``wire.payload.Payload``, which packs and unpacks the fixed-size ones from their ``STRUCT``
@@ -18,14 +19,16 @@ from __future__ import annotations
 
 import enum
 import errno
+import itertools
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import ClassVar, Self
 
 from wire.errors import LocalProtocolError, RemoteProtocolError
 from wire.payload import Payload as Payload  # noqa: PLC0414 - re-exported for importers
-from wire.payload import check_size
+from wire.payload import TrailingArray, check_size, rule_broken
 
 VHOST_USER_VERSION = 0x1
 VHOST_USER_VERSION_MASK = 0x3
@@ -37,6 +40,13 @@ VHOST_USER_VRING_IDX_MASK = 0xFF
 VHOST_USER_VRING_NOFD_MASK = 0x100
 SHMEM_FEATURE_BIT_UPSTREAM = 22
 SHMEM_FEATURE_BIT_DRAFT = 20
+SHMEM_FEATURE_BIT_RUST_VMM = 21
+#: Every bit some back-end uses for shared memory, and what that bit means upstream.
+SHMEM_FEATURE_BITS: dict[int, str] = {
+    SHMEM_FEATURE_BIT_UPSTREAM: "SHMEM upstream",
+    SHMEM_FEATURE_BIT_DRAFT: "GET_VRING_BASE_INFLIGHT upstream, SHMEM in the draft patches",
+    SHMEM_FEATURE_BIT_RUST_VMM: "GPA_ADDRESSES upstream, SHMEM in rust-vmm vhost <= 0.16",
+}
 
 
 class VhostUserHeaderFlag(IntFlag):
@@ -368,14 +378,25 @@ class VhostUserTransferDeviceState(Payload):
 
 
 @dataclass(frozen=True, slots=True)
-class VhostUserShMemConfig(Payload):
+class VhostUserShMemConfig(TrailingArray):
     """VIRTIO Shared Memory Region configuration: ``nregions``, padding, 256 u64 sizes.
 
     The index into ``memory_sizes`` is the shmid; 0 marks an unused id. Shorter tuples are
-    padded with zeros to all 256 entries.
+    padded with zeros to all 256 entries, and ``pack`` always writes the whole 2,056 bytes.
+
+    Read as QEMU 11.1 reads it: libvhost-user back-ends cannot hold 2,056 bytes and send
+    ``nregions``, the padding and the sizes up to the last one they declare (two regions at
+    shmids 0 and 1: 24 bytes), so a reply may stop after any whole size and the rest read as
+    zeros; the regions are the first ``nregions`` non-zero sizes (``regions()``). Besides the
+    size rules of ``TrailingArray`` (``head``, ``whole-items``, ``max-items``) a reply is
+    refused by rule ``max-nregions`` (``nregions`` above 256) or ``nregions-sizes`` (it ends
+    before ``nregions`` non-zero sizes were found).
     """
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct(f"=I4x{VHOST_USER_MAX_SHMEM_REGIONS}Q")
+    HEAD: ClassVar[struct.Struct] = struct.Struct("=I4x")
+    ITEM: ClassVar[struct.Struct] = struct.Struct("=Q")
+    MAX_ITEMS: ClassVar[int] = VHOST_USER_MAX_SHMEM_REGIONS
     nregions: int
     memory_sizes: tuple[int, ...]
 
@@ -385,9 +406,25 @@ class VhostUserShMemConfig(Payload):
         padding = (0,) * (VHOST_USER_MAX_SHMEM_REGIONS - len(self.memory_sizes))
         object.__setattr__(self, "memory_sizes", tuple(self.memory_sizes) + padding)
 
+    @classmethod
+    def declaring(cls, sizes: Sequence[int]) -> Self:
+        """The configuration declaring ``sizes`` (indexed by shmid, 0 = unused): ``nregions``
+        counts the regions, not the ids."""
+        return cls(sum(1 for size in sizes if size), tuple(sizes))
+
+    def regions(self) -> dict[int, int]:
+        """shmid -> size of the first ``nregions`` non-zero sizes (QEMU's reading)."""
+        declared = ((shmid, size) for shmid, size in enumerate(self.memory_sizes) if size)
+        return dict(itertools.islice(declared, self.nregions))
+
     def pack(self) -> bytes:
         if not 0 <= self.nregions <= VHOST_USER_MAX_SHMEM_REGIONS:
-            raise LocalProtocolError(f"nregions={self.nregions} out of range")
+            raise LocalProtocolError(f"rule max-nregions: nregions={self.nregions} out of range")
+        if len(self.regions()) < self.nregions:
+            raise LocalProtocolError(
+                f"rule nregions-sizes: nregions={self.nregions} but only "
+                f"{len(self.regions())} non-zero sizes"
+            )
         try:
             return self.STRUCT.pack(self.nregions, *self.memory_sizes)
         except struct.error as exc:
@@ -395,11 +432,24 @@ class VhostUserShMemConfig(Payload):
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> Self:
-        check_size(cls, data, cls.STRUCT.size)
-        nregions, *sizes = cls.STRUCT.unpack(data)
+        (nregions,), items = cls.split(data)
         if nregions > VHOST_USER_MAX_SHMEM_REGIONS:
-            raise RemoteProtocolError(f"shared memory config with nregions={nregions}")
-        return cls(nregions, tuple(sizes))
+            raise rule_broken(
+                cls,
+                data,
+                "max-nregions",
+                f"nregions={nregions}, at most {VHOST_USER_MAX_SHMEM_REGIONS}",
+            )
+        config = cls(nregions, tuple(size for (size,) in items))
+        found = len(config.regions())
+        if found < nregions:
+            raise rule_broken(
+                cls,
+                data,
+                "nregions-sizes",
+                f"nregions={nregions} but the {len(items)} sizes sent hold only {found} non-zero",
+            )
+        return config
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,9 +632,10 @@ FRONTEND_REQUIRED_FEATURE: dict[FrontendReq, VhostUserProtocolFeature] = {
 
 
 def shmem_feature(bit: int = SHMEM_FEATURE_BIT_UPSTREAM) -> int:
-    """The SHMEM protocol feature mask for ``bit`` (22 upstream, 20 in the draft patches)."""
-    if bit not in (SHMEM_FEATURE_BIT_UPSTREAM, SHMEM_FEATURE_BIT_DRAFT):
-        raise ValueError(f"shared-memory feature bit must be 22 or 20, not {bit}")
+    """The SHMEM protocol feature mask for ``bit`` (22 upstream, 20 in the draft patches, 21
+    in rust-vmm vhost <= 0.16)."""
+    if bit not in SHMEM_FEATURE_BITS:
+        raise ValueError(f"shared-memory feature bit must be 22, 20 or 21, not {bit}")
     return 1 << bit
 
 

@@ -1,14 +1,30 @@
 """The vhost-user back-end library, for prototyping devices.
 
-A ``VhostUserDaemon`` listens on a UNIX socket, serves one front-end at a time (resetting all
-state when it leaves), negotiates features, maps the front-end's memory, runs split virtqueues
+A ``VhostUserDaemon`` listens on a UNIX socket, serves one front-end at a time, negotiates
+features, maps the front-end's memory, runs split virtqueues
 and hands each kicked queue to the device's ``handle_queue``. Every request goes through the
 same fixed steps: decode header, fds and body (the codec checks fds and size against the
 payload type), check the protocol feature, call one typed handler, send the reply or the
 REPLY_ACK status. Devices never see REPLY_ACK.
 
 ``shmem_map``/``shmem_unmap`` send BACKEND_SHMEM_MAP/UNMAP on the back-end channel and wait for
-the front-end's u64 status; they may be called from any thread while the loop runs.
+the front-end's u64 status; they may be called from any thread while the loop runs. Sends and
+the wait are bounded by ``reply_timeout``; a timeout, a channel the front-end closed (alone or
+with the main socket) or anything but the one u64 reply raises ``ChannelFailed`` and drops the
+channel, whose next bytes are never read. The main socket is served on regardless.
+
+When the front-end leaves (end of stream, a reset, a fatal protocol error) everything it set up
+goes: the back-end channel, the kick/call/err fds, the guest memory mappings; the device's
+``reset`` and ``on_disconnect`` run (an exception there is logged, not raised into the loop).
+Then the daemon accepts the next front-end, or with ``serve_once`` returns from
+``serve_forever``; the library never exits the process.
+
+A device that serves its queues from a thread of its own (so that a queue request may wait for
+the front-end's answer to ``shmem_map`` while the loop keeps answering the front-end, which may
+itself be waiting for us, e.g. QEMU re-sending the memory table before it answers a map) takes
+``VhostUserDaemon.lock`` around its ring and guest-memory accesses: the loop holds it while it
+handles a front-end message or a kick, so the memory table and the rings never change under
+such an access. Nobody may hold it while waiting for the front-end.
 
 Device contract: subclass ``VhostUserDevice`` (or provide the same attributes and methods).
 """
@@ -133,10 +149,14 @@ class VhostUserDaemon:
         shmem_feature_bit: int = SHMEM_FEATURE_BIT_UPSTREAM,
         configure_mem_slots: bool = False,
         reply_timeout: float = 5.0,
+        serve_once: bool = False,
     ) -> None:
         self.device = device
         self.socket_path = socket_path
         self.reply_timeout = reply_timeout
+        #: Return from ``serve_forever`` once the first front-end has left, instead of
+        #: accepting the next one.
+        self.serve_once = serve_once
         self.shmem_mask = shmem_feature(shmem_feature_bit)
         pf = VhostUserProtocolFeature
         offered = pf.MQ | pf.REPLY_ACK | pf.BACKEND_REQ | pf.BACKEND_SEND_FD | pf.CONFIG
@@ -158,6 +178,8 @@ class VhostUserDaemon:
         self._channel_lock = threading.Lock()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        #: held by the loop per wake-up; see the module docstring
+        self.lock = threading.RLock()
         self._stopping = threading.Event()
         self._connected = threading.Event()
         self._channel_ready = threading.Event()
@@ -212,15 +234,18 @@ class VhostUserDaemon:
         log.info("%s%s", LISTENING_LINE, self.socket_path)
 
     def serve_forever(self) -> None:
-        """Run the selector loop until ``stop()``."""
+        """Run the selector loop until ``stop()`` (or, with ``serve_once``, until the first
+        front-end has left); everything is closed when it returns."""
         self.listen()
         try:
             while not self._stopping.is_set():
                 for key, _ in self._sel.select():
                     callback: Callable[[], None] = key.data
-                    callback()
+                    with self.lock:
+                        callback()
         finally:
-            self._shutdown()
+            with self.lock:
+                self._shutdown()
 
     def serve_in_thread(self) -> threading.Thread:
         """Listen now, then run the loop in a daemon thread."""
@@ -278,7 +303,8 @@ class VhostUserDaemon:
         self._connected.set()
 
     def _disconnect(self, reason: str) -> None:
-        """Drop the front-end and everything it set up, then accept the next one."""
+        """Drop the front-end and everything it set up, then accept the next one (or, with
+        ``serve_once``, end the loop)."""
         self._conn_log.info("front-end disconnected: %s", reason)
         self._close_channel()
         self._reset_vrings()
@@ -294,12 +320,15 @@ class VhostUserDaemon:
         self.acked_protocol_features = 0
         self.owner = False
         self._connected.clear()
-        try:
-            self.device.reset()
-        finally:
-            self.device.on_disconnect()
-            if self._listener is not None and not self._stopping.is_set():
-                self._sel.register(self._listener, selectors.EVENT_READ, self._accept)
+        for hook in (self.device.reset, self.device.on_disconnect):
+            try:
+                hook()
+            except Exception:
+                self._conn_log.exception("device %s failed after the disconnect", hook.__name__)
+        if self.serve_once:
+            self._stopping.set()
+        elif self._listener is not None and not self._stopping.is_set():
+            self._sel.register(self._listener, selectors.EVENT_READ, self._accept)
 
     def _readable(self) -> None:
         assert self._conn is not None and self._decoder is not None
@@ -319,6 +348,8 @@ class VhostUserDaemon:
             self._disconnect(str(exc))
         except ProtocolError as exc:
             self._disconnect(f"fatal protocol error: {exc}")
+        except OSError as exc:  # the socket failed in a way the wire layer does not name
+            self._disconnect(f"socket error: {exc}")
 
     def _next_message(self) -> VhostUserMessage | None:
         """The next request; a rejected one is answered (if it must be) and skipped."""
@@ -533,6 +564,9 @@ class VhostUserDaemon:
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             sock.close()
             raise RemoteProtocolError("back-end channel must be a UNIX stream socket")
+        # Bounds sends as well as the wait for a reply: a front-end that stops reading the
+        # channel cannot hold a device thread forever.
+        sock.settimeout(self.reply_timeout)
         self._close_channel()
         with self._channel_lock:
             self._channel = sock
@@ -564,7 +598,9 @@ class VhostUserDaemon:
         for shmid, size in enumerate(sizes):
             if size % PAGE_SIZE:
                 raise RemoteProtocolError(f"shmid {shmid}: size {size:#x} is not page-aligned")
-        return VhostUserShMemConfig(len(sizes), sizes)
+        # nregions counts the declared regions, not the ids: QEMU takes the first nregions
+        # non-zero sizes, and a reply whose count includes holes is refused.
+        return VhostUserShMemConfig.declaring(sizes)
 
     # -- virtqueues ---------------------------------------------------------------------------
     def _reset_vrings(self) -> None:
@@ -676,15 +712,19 @@ class VhostUserDaemon:
                     return
                 reply = self._read_channel_reply(sock, req)
             except (TransportError, OSError, RemoteProtocolError) as exc:
+                # Whatever the front-end sends next on it can no longer be paired with a
+                # request: the channel goes (the main socket stays).
                 self._channel = None
+                self._channel_ready.clear()
                 sock.close()
                 raise ChannelFailed(f"{req.name}: back-end channel failed: {exc}") from exc
         if reply:
             raise FrontendRefused(req, reply)
 
     def _read_channel_reply(self, sock: socket.socket, req: BackendReq) -> int:
+        """The u64 status answering ``req``; ``TransportError`` on timeout or end of stream,
+        ``RemoteProtocolError`` for anything else (the caller drops the channel)."""
         decoder = VhostUserDecoder(Channel.BACKEND, expect_replies=True)
-        sock.settimeout(self.reply_timeout)
         try:
             while (msg := decoder.next_message()) is None:
                 try:

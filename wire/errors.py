@@ -65,7 +65,10 @@ class DecodeError(RemoteProtocolError):
     sync, and the caller answers it if ``reply_expected``. ``fatal``: the framing is lost, the
     decoder stays broken and the connection must go. ``request`` is the message's command or
     request number and ``msg_id`` its vfio-user id, when the header was readable; the number may
-    be one no enum knows, so error replies are built from these integers.
+    be one no enum knows, so error replies are built from these integers. ``flags`` and
+    ``size`` are the header's raw fields (``size`` as the protocol counts it: the payload for
+    vhost-user, the whole message for vfio-user) and ``nfds`` the fds that came with it, so the
+    I/O boundary can trace a refused message like any other.
     """
 
     def __init__(
@@ -77,8 +80,14 @@ class DecodeError(RemoteProtocolError):
         request: int | None = None,
         msg_id: int | None = None,
         reply_expected: bool = False,
+        flags: int | None = None,
+        size: int | None = None,
+        nfds: int = 0,
     ) -> None:
         super().__init__(message, errno, fatal=fatal)
         self.request = request
         self.msg_id = msg_id
         self.reply_expected = reply_expected
+        self.flags = flags
+        self.size = size
+        self.nfds = nfds

@@ -5,7 +5,9 @@ dataclass's fields in order. For those, a subclass declares only its ``STRUCT`` 
 byte order of its protocol: ``=`` native for vhost-user, ``<`` little-endian for vfio-user)
 and its fields; ``pack()`` and ``unpack()`` here do the rest, so the size check, the error
 types and the error wording are written once for both stacks. Variable-size payloads (a
-header plus data, a counted table, JSON) override both methods.
+header plus data, a counted table, JSON) override both methods; those that are a fixed head
+and an array a sender may cut short subclass ``TrailingArray``, whose ``split`` checks the
+size rules once and names the rule a refused payload broke.
 
 Errors: ``pack()`` of a value that does not fit raises ``LocalProtocolError`` (a bug on our
 side); ``unpack()`` of the wrong number of bytes raises ``RemoteProtocolError(EINVAL)`` (the
@@ -17,11 +19,11 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 from wire.errors import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["Payload", "check_size"]
+__all__ = ["Payload", "TrailingArray", "check_size", "rule_broken"]
 
 
 def check_size(cls: type, data: bytes | memoryview, size: int, *, at_least: bool = False) -> None:
@@ -31,6 +33,14 @@ def check_size(cls: type, data: bytes | memoryview, size: int, *, at_least: bool
         raise RemoteProtocolError(
             f"{cls.__name__} payload is {len(data)} bytes, expected {expected}", errno.EINVAL
         )
+
+
+def rule_broken(cls: type, data: bytes | memoryview, rule: str, detail: str) -> RemoteProtocolError:
+    """The refusal of ``data`` as a ``cls`` because it broke ``rule`` (named in the message, so
+    a log line says which check a peer failed)."""
+    return RemoteProtocolError(
+        f"{cls.__name__} payload of {len(data)} bytes breaks rule {rule}: {detail}", errno.EINVAL
+    )
 
 
 class Payload:
@@ -56,3 +66,45 @@ class Payload:
         """Parse exactly ``STRUCT.size`` bytes; ``RemoteProtocolError(EINVAL)`` otherwise."""
         check_size(cls, data, cls.STRUCT.size)
         return cls(*cls.STRUCT.unpack(data))
+
+
+class TrailingArray(Payload):
+    """A fixed ``HEAD`` then at most ``MAX_ITEMS`` items of ``ITEM``, cut short by some senders.
+
+    ``STRUCT`` stays the whole C struct (what ``pack`` writes). A sender whose message buffer
+    cannot hold the whole array (libvhost-user keeps every message in a union of a few hundred
+    bytes) sends the head and the items up to the last one it uses; the items it left out read
+    as zeros. ``split`` applies the size rules, each named in its refusal:
+
+    - ``head``: at least ``HEAD.size`` bytes;
+    - ``whole-items``: after the head, a whole number of ``ITEM.size`` items;
+    - ``max-items``: at most ``MAX_ITEMS`` of them.
+    """
+
+    __slots__ = ()
+    HEAD: ClassVar[struct.Struct]
+    ITEM: ClassVar[struct.Struct]
+    MAX_ITEMS: ClassVar[int]
+
+    @classmethod
+    def split(cls, data: bytes | memoryview) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+        """The head's fields and the items that were sent (``MAX_ITEMS`` or fewer)."""
+        head, item = cls.HEAD.size, cls.ITEM.size
+        if len(data) < head:
+            raise rule_broken(cls, data, "head", f"shorter than its {head}-byte head")
+        if (len(data) - head) % item:
+            raise rule_broken(
+                cls,
+                data,
+                "whole-items",
+                f"{len(data) - head} bytes after the head are not whole {item}-byte items",
+            )
+        count = (len(data) - head) // item
+        if count > cls.MAX_ITEMS:
+            raise rule_broken(
+                cls,
+                data,
+                "max-items",
+                f"{count} items, at most {cls.MAX_ITEMS} ({head + cls.MAX_ITEMS * item} bytes)",
+            )
+        return cls.HEAD.unpack_from(data), list(cls.ITEM.iter_unpack(data[head:]))

@@ -356,6 +356,9 @@ class VfioUserDecoder:
                     fatal=True,
                     msg_id=msg_id,
                     request=command,
+                    flags=flags,
+                    size=size,
+                    nfds=self.buffered_fds,
                 )
             )
         end = start + size
@@ -401,6 +404,8 @@ class VfioUserDecoder:
                 msg_id=msg_id,
                 request=command,
                 reply_expected=not flags,
+                flags=flags,
+                size=size,
             )
         offset, region, count = _ACCESS.unpack_from(data, start + HEADER_SIZE)
         if command == _REGION_READ:
@@ -418,6 +423,8 @@ class VfioUserDecoder:
                 msg_id=msg_id,
                 request=command,
                 reply_expected=not flags,
+                flags=flags,
+                size=size,
             )
         return Message(
             _COMMANDS[command], msg_id, payload, (), MsgType.COMMAND, _HFLAGS[flags], 0, size
@@ -438,6 +445,9 @@ class VfioUserDecoder:
                 msg_id=msg_id,
                 request=command,
                 reply_expected=reply_expected,
+                flags=flags,
+                size=size,
+                nfds=len(fds),
             )
 
         if kind not in (MsgType.COMMAND, MsgType.REPLY):

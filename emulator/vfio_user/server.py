@@ -241,12 +241,12 @@ class VfioUserServer:
             try:
                 message = decoder.next_message()
             except DecodeError as exc:
+                raw_reply = None if exc.fatal else error_reply_for(exc)
+                if self._observed:
+                    self._observe_refused(exc, raw_reply)
                 if exc.fatal:
                     raise
                 logger.warning("bad vfio-user message: %s", exc)
-                raw_reply = error_reply_for(exc)
-                if self._observed:
-                    self._observe_refused(exc, raw_reply)
                 if raw_reply is not None:
                     self._send_raw(raw_reply)
                 continue
@@ -326,13 +326,28 @@ class VfioUserServer:
             )
 
     def _observe_refused(self, exc: DecodeError, raw_reply: bytes | None) -> None:
-        """A message the codec refused, and the error reply it gets (if one is due)."""
-        name, msg_id, err = f"invalid:{exc.request}", exc.msg_id, exc.errno
+        """A message the codec refused (its raw header, fd count and why, framing errors
+        included), and the error reply it gets (if one is due)."""
+        try:
+            command = m.Command(exc.request).name if exc.request is not None else "?"
+        except ValueError:
+            command = str(exc.request)
+        name, msg_id, err = f"invalid:{command}", exc.msg_id, exc.errno
         debug = logger.isEnabledFor(logging.DEBUG)
         if debug:
-            logger.debug("--> %s id=%s error=%d", name, msg_id, err)
+            flags = "?" if exc.flags is None else f"{exc.flags:#x}"
+            logger.debug(
+                "--> %s id=%s flags=%s size=%s nfds=%d error=%d: %s",
+                name,
+                msg_id,
+                flags,
+                exc.size,
+                exc.nfds,
+                err,
+                exc,
+            )
         if self.tracer.enabled:
-            self.tracer.record("vfio-user", "in", name, msg_id=msg_id, error=err)
+            self.tracer.record_refused("vfio-user", command, exc, size=exc.size)
         if raw_reply is None:
             return
         if debug:

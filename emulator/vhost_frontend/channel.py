@@ -136,7 +136,6 @@ class BackendChannel:
                 if exc.fatal:
                     raise
                 logger.warning("back-end sent an invalid request: %s", exc)
-                stream.record_rejected(exc)
                 if exc.reply_expected and exc.request is not None:
                     _reply_rejected(stream, exc.request, exc.errno)
 

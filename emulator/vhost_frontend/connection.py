@@ -10,11 +10,13 @@ The wait itself is ``_block_until_reply``: the one place the event loop stands s
 back-end (see the package docstring for what it blocks and for how long).
 
 Negotiation runs once per connection: GET_FEATURES, GET/SET_PROTOCOL_FEATURES (what we use of
-``WANTED_PROTOCOL_FEATURES`` plus SHMEM at its bit, 22 or 20), SET_OWNER, GET_QUEUE_NUM with
+``WANTED_PROTOCOL_FEATURES`` plus SHMEM at its bit, 22, 20 or 21), SET_OWNER, GET_QUEUE_NUM with
 MQ, SET_BACKEND_REQ_FD with BACKEND_REQ (the ``BackendChannel`` is opened here), and
-GET_SHMEM_CONFIG with SHMEM. Any failure of the socket, a reply out of order, or a timeout
-closes both sockets, tells the device through ``on_lost`` and retries every
-``RECONNECT_INTERVAL`` seconds on the loop.
+GET_SHMEM_CONFIG with SHMEM. A back-end that offers another of the shared-memory bits but not
+ours gets no shared memory and one warning per process naming the bits (bit 20 usually means
+GET_VRING_BASE_INFLIGHT, so offering it is no proof of a draft back-end). Any failure of the
+socket, a reply out of order, or a timeout closes both sockets, tells the device through
+``on_lost`` and retries every ``RECONNECT_INTERVAL`` seconds on the loop.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from emulator.vhost_frontend.stream import MessageStream
 from vhost_user.codec import Channel, VhostUserMessage, request
 from vhost_user.messages import (
     EMPTY,
+    SHMEM_FEATURE_BITS,
     VHOST_USER_F_PROTOCOL_FEATURES,
     FrontendReq,
     Payload,
@@ -101,6 +104,7 @@ class BackendConnection:
         self._channel: BackendChannel | None = None
         self._reconnect_pending = False
         self._closed = False
+        self._warned_shmem_bits = False
 
     @property
     def connected(self) -> bool:
@@ -186,6 +190,7 @@ class BackendConnection:
         self.protocol_features = 0
         if self.features & PROTOCOL_FEATURES_BIT:
             offered = self.get_protocol_features()
+            self._check_shmem_bits(offered)
             acked = offered & (int(WANTED_PROTOCOL_FEATURES) | self.shmem_mask)
             self.set_protocol_features(acked)
             self.protocol_features = acked
@@ -205,6 +210,30 @@ class BackendConnection:
                 f"{self.shmem_sizes}; restart the emulator to change it"
             )
         self.shmem_sizes = sizes
+
+    def _check_shmem_bits(self, offered: int) -> None:
+        """Warn once if the back-end offers another shared-memory bit but not ours; what is
+        negotiated does not change (a bit that is not ours may mean something else)."""
+        if self._warned_shmem_bits or offered & self.shmem_mask:
+            return
+        others = sorted(bit for bit in SHMEM_FEATURE_BITS if offered & (1 << bit))
+        if not others:
+            return
+        self._warned_shmem_bits = True
+        ours = self.shmem_mask.bit_length() - 1
+        named = ", ".join(f"{bit} ({SHMEM_FEATURE_BITS[bit]})" for bit in others)
+        one = len(others) == 1
+        logger.warning(
+            "back-end offers protocol feature %s %s but not bit %d, the shared-memory bit of "
+            "--shmem-feature-bit %d: no shared memory is negotiated; if the back-end means "
+            "shared memory by %s, restart with --shmem-feature-bit %s",
+            "bit" if one else "bits",
+            named,
+            ours,
+            ours,
+            "that bit" if one else "one of them",
+            "|".join(map(str, others)),
+        )
 
     def _open_channel(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -273,9 +302,11 @@ class BackendConnection:
         self._call(FrontendReq.SET_BACKEND_REQ_FD, fds=[fd])
 
     def get_shmem_config(self) -> dict[int, int]:
-        """shmid -> size of every declared region (checked to fit a BAR layout)."""
+        """shmid -> size of every declared region (checked to fit a BAR layout). A short
+        reply is fine (the codec reads it as QEMU does); the regions are the first
+        ``nregions`` non-zero sizes."""
         config = self._call(FrontendReq.GET_SHMEM_CONFIG, reply=VhostUserShMemConfig)
-        sizes = {shmid: size for shmid, size in enumerate(config.memory_sizes) if size}
+        sizes = config.regions()
         ShmemLayout.from_sizes(sizes)
         return sizes
 

@@ -3,8 +3,10 @@
 Every message the front-end receives or sends passes through a ``MessageStream`` exactly once,
 so this is where the one DEBUG line per message is written (``--> NAME size=.. nfds=..`` for a
 message in, ``<-- NAME ...`` for one out, on the room's logger) and the ``--trace`` record
-(channel ``vhost-user-frontend`` or ``vhost-user-backend``). The stream knows nothing of the
-event loop, of waiting, or of what a message means.
+(channel ``vhost-user-frontend`` or ``vhost-user-backend``). A message the codec refuses is
+recorded here too, before the caller sees the error: its raw header, fd count and the reason
+(a refused reply is what a user debugging a back-end most needs to see). The stream knows
+nothing of the event loop, of waiting, or of what a message means.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import socket
 
 from emulator.trace import Tracer
 from vhost_user.codec import HEADER_SIZE, Channel, VhostUserDecoder, VhostUserMessage, encode
+from vhost_user.messages import BackendReq, FrontendReq
 from wire.errors import DecodeError, TransportError
 from wire.unix import close_fds, recv_with_fds, send_with_fds
 
@@ -35,6 +38,10 @@ class MessageStream:
         self.tracer = tracer
         self.log = log
         self._trace_channel = f"vhost-user-{channel.value}"
+        self._requests: type[FrontendReq] | type[BackendReq] = (
+            FrontendReq if channel is Channel.FRONTEND else BackendReq
+        )
+        self._last_refused: DecodeError | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -69,9 +76,16 @@ class MessageStream:
     def next_message(self) -> VhostUserMessage | None:
         """The next complete message (logged and traced), or None if more bytes are needed.
 
-        Raises the decoder's ``DecodeError`` (``fatal`` or not) for what it refused.
+        Raises the decoder's ``DecodeError`` (``fatal`` or not) for what it refused, after
+        logging and tracing the refused message.
         """
-        message = self.decoder.next_message()
+        try:
+            message = self.decoder.next_message()
+        except DecodeError as exc:
+            if exc is not self._last_refused:  # a broken decoder raises the same error again
+                self._last_refused = exc
+                self._record_refused(exc)
+            raise
         if message is None:
             return None
         self._log("-->", message, None)
@@ -85,11 +99,20 @@ class MessageStream:
             )
         return message
 
-    def record_rejected(self, exc: DecodeError) -> None:
-        """Trace a message the decoder refused (it never became a message to log)."""
-        self.log.debug("--> invalid request %s: %s", exc.request, exc)
+    def _record_refused(self, exc: DecodeError) -> None:
+        """The DEBUG line and trace record of a message the decoder refused."""
+        try:
+            name = self._requests(exc.request).name if exc.request is not None else "?"
+        except ValueError:
+            name = str(exc.request)
+        size = None if exc.size is None else HEADER_SIZE + exc.size
+        if self.log.isEnabledFor(logging.DEBUG):
+            flags = "?" if exc.flags is None else f"{exc.flags:#x}"
+            self.log.debug(
+                "--> invalid %s flags=%s size=%s nfds=%d: %s", name, flags, size, exc.nfds, exc
+            )
         if self.tracer.enabled:
-            self.tracer.record(self._trace_channel, "in", f"invalid:{exc.request}", error=exc.errno)
+            self.tracer.record_refused(self._trace_channel, name, exc, size=size)
 
     # -- out -------------------------------------------------------------------------------
 

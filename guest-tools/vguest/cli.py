@@ -1,4 +1,5 @@
-"""``vguest`` command line: list devices, exact-width BAR access, patterns, checksums, timing.
+"""``vguest`` command line: list devices, exact-width BAR access and dumps, patterns, checksums,
+timing.
 
 Exit codes (see ``vguest.errors.ExitCode``): 0 ok, 1 mismatch (verify found a
 difference; watch saw no change before its timeout), 2 usage error, 3 device
@@ -22,8 +23,8 @@ from typing import Any, NoReturn
 
 from vguest import caps, discovery, sysfs
 from vguest.errors import AccessError, ExitCode, UsageError, VguestError
-from vguest.mmio import VALID_WIDTHS, Mapping, c_crc32c, c_generate
-from vguest.pattern import PatternKind
+from vguest.mmio import VALID_WIDTHS, Mapping, VerifyResult, c_crc32c, c_generate
+from vguest.pattern import PatternKind, first_mismatch
 
 log = logging.getLogger("vguest")
 
@@ -202,11 +203,22 @@ def cmd_list(args: argparse.Namespace) -> Result:
 
 def cmd_read(args: argparse.Namespace) -> Result:
     target = resolve_target(args)
-    _check_aligned(target.base + args.offset, args.width, args.width)
-    with target.map(args.offset, args.width, writable=False) as m:
-        value = m.read(0, args.width)
-    data = {**target.describe(), "offset": args.offset, "width": args.width, "value": value}
-    return Result(data, [f"{value:#0{2 + 2 * args.width}x}"])
+    width, count = args.width, args.count
+    if count < 1:
+        raise UsageError(f"--count {count} must be at least 1")
+    _check_aligned(target.base + args.offset, width, width)
+    with target.map(args.offset, count * width, writable=False) as m:
+        raw = m.read_bytes(0, count * width, width)  # one width-exact access per word
+    values = [int.from_bytes(raw[i : i + width], "little") for i in range(0, len(raw), width)]
+    data = {
+        **target.describe(),
+        "offset": args.offset,
+        "width": width,
+        "value": values[0],
+        "count": count,
+        "values": values,
+    }
+    return Result(data, [f"{v:#0{2 + 2 * width}x}" for v in values])
 
 
 def cmd_write(args: argparse.Namespace) -> Result:
@@ -249,40 +261,99 @@ def cmd_fill(args: argparse.Namespace) -> Result:
     )
 
 
+def _expected_file(args: argparse.Namespace) -> tuple[bytes, int]:
+    """The ``--expect`` file's bytes and the length to compare (LENGTH, or the file's size)."""
+    try:
+        content = Path(args.expect).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read --expect {args.expect}: {exc.strerror}") from None
+    length = len(content) if args.length is None else args.length
+    if len(content) < length:
+        raise UsageError(f"--expect {args.expect} has {len(content)} bytes, fewer than {length}")
+    return content[:length], length
+
+
 def cmd_verify(args: argparse.Namespace) -> Result:
-    if args.crc is not None and args.pattern is not None:
-        raise UsageError("give either --pattern or --crc, not both")
+    if sum(x is not None for x in (args.crc, args.pattern, args.expect)) > 1:
+        raise UsageError("give one of --pattern, --crc or --expect, not several")
+    if args.expect is not None:
+        expected, length = _expected_file(args)
+    elif args.length is None:
+        raise UsageError("LENGTH is required unless --expect gives it")
+    else:
+        expected, length = b"", args.length
     target = resolve_target(args)
-    _check_aligned(target.base + args.offset, args.length, args.width)
-    base = {**target.describe(), "offset": args.offset, "length": args.length, "width": args.width}
-    with target.map(args.offset, args.length, writable=False) as m:
+    _check_aligned(target.base + args.offset, length, args.width)
+    base = {**target.describe(), "offset": args.offset, "length": length, "width": args.width}
+    with target.map(args.offset, length, writable=False) as m:
         if args.crc is not None:
-            crc = m.crc32c(0, args.length, args.width)
+            crc = m.crc32c(0, length, args.width)
             match = crc == args.crc
             data = {**base, "match": match, "crc32c": crc, "expected_crc32c": args.crc}
             text = f"crc32c {crc:#010x} " + ("matches" if match else f"!= {args.crc:#010x}")
+            return Result(data, [text], ExitCode.OK if match else ExitCode.MISMATCH)
+        if args.expect is not None:
+            res = _compare(expected, m.read_bytes(0, length, args.width), args.width)
+            data = {**base, "expect": str(args.expect)}
+            what = f"{args.expect} matches"
         else:
             kind = _pattern(args)
-            res = m.verify(0, args.length, args.width, kind, args.seed)
-            match = res.ok
-            data = {
-                **base,
-                "match": match,
-                "pattern": kind.name.lower(),
-                "seed": args.seed,
-                "mismatch_offset": res.mismatch_offset,
-                "expected": res.expected,
-                "actual": res.actual,
-            }
-            text = (
-                "pattern matches"
-                if match
-                else (
-                    f"mismatch at +{res.mismatch_offset:#x}: expected {res.expected:#x}, "
-                    f"got {res.actual:#x}"
-                )
-            )
-    return Result(data, [text], ExitCode.OK if match else ExitCode.MISMATCH)
+            res = m.verify(0, length, args.width, kind, args.seed)
+            data = {**base, "pattern": kind.name.lower(), "seed": args.seed}
+            what = "pattern matches"
+    data |= {
+        "match": res.ok,
+        "mismatch_offset": res.mismatch_offset,
+        "expected": res.expected,
+        "actual": res.actual,
+    }
+    text = what
+    if not res.ok:
+        text = f"mismatch at +{res.mismatch_offset:#x}: expected {res.expected:#x}, "
+        text += f"got {res.actual:#x}"
+    return Result(data, [text], ExitCode.OK if res.ok else ExitCode.MISMATCH)
+
+
+def _compare(expected: bytes, actual: bytes, width: int) -> VerifyResult:
+    """As the C helper's verify: the first differing byte, and the values of its access."""
+    where = first_mismatch(expected, actual)
+    if where is None:
+        return VerifyResult(ok=True)
+    start = where - where % width
+    word = slice(start, start + width)
+    return VerifyResult(
+        False,
+        where,
+        int.from_bytes(expected[word], "little"),
+        int.from_bytes(actual[word], "little"),
+    )
+
+
+def _hexdump(data: bytes, start: int) -> list[str]:
+    """``hexdump -C -v`` lines for ``data`` found at offset ``start``, then the end offset."""
+    lines = []
+    for pos in range(0, len(data), 16):
+        row = data[pos : pos + 16]
+        hexes = " ".join(f"{b:02x}" for b in row[:8]) + "  " + " ".join(f"{b:02x}" for b in row[8:])
+        ascii_ = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in row)
+        lines.append(f"{start + pos:08x}  {hexes.rstrip():<48}  |{ascii_}|")
+    lines.append(f"{start + len(data):08x}")
+    return lines
+
+
+def cmd_dump(args: argparse.Namespace) -> Result:
+    target = resolve_target(args)
+    _check_aligned(target.base + args.offset, args.length, args.width)
+    with target.map(args.offset, args.length, writable=False) as m:
+        raw = m.read_bytes(0, args.length, args.width)
+    data = {
+        **target.describe(),
+        "offset": args.offset,
+        "length": args.length,
+        "width": args.width,
+        "data": raw.hex(),
+    }
+    return Result(data, _hexdump(raw, args.offset))
 
 
 def cmd_checksum(args: argparse.Namespace) -> Result:
@@ -474,8 +545,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bdf", metavar="BDF", nargs="?")
     p.add_argument("--all", action="store_true", help="every PCI device, not only virtio")
 
-    p = add("read", cmd_read, "one exact-width read", [target, width])
+    p = add("read", cmd_read, "exact-width reads of one or more consecutive words", [target, width])
     p.add_argument("offset", metavar="OFFSET", type=parse_int)
+    p.add_argument(
+        "--count",
+        type=parse_int,
+        default=1,
+        metavar="N",
+        help="consecutive words to read, one per line (default 1)",
+    )
     p = add("write", cmd_write, "one exact-width write", [target, width])
     p.add_argument("offset", metavar="OFFSET", type=parse_int)
     p.add_argument("value", metavar="VALUE", type=parse_int)
@@ -484,11 +562,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "verify",
         cmd_verify,
-        "compare a range with a pattern or a CRC-32C",
-        [target, width, span, pattern],
+        "compare a range with a pattern, a CRC-32C or a file",
+        [target, width, pattern],
+    )
+    p.add_argument("offset", metavar="OFFSET", type=parse_int)
+    p.add_argument(
+        "length", metavar="LENGTH", type=parse_int, nargs="?", help="default: --expect's size"
     )
     p.add_argument("--crc", type=parse_int, help="expected CRC-32C instead of a pattern")
+    p.add_argument(
+        "--expect", type=Path, metavar="FILE", help="compare byte for byte with this file"
+    )
     add("checksum", cmd_checksum, "CRC-32C of a range", [target, width, span])
+    add("dump", cmd_dump, "hex dump of a range (as hexdump -C)", [target, width, span])
 
     p = add("bench", cmd_bench, "timed access loops per width", [target])
     p.add_argument("--offset", type=parse_int, default=0)

@@ -315,7 +315,7 @@ class ScriptedBackend:
             return VhostUserU64(self.queues)
         if req is FrontendReq.GET_SHMEM_CONFIG:
             sizes = tuple(self.regions.get(i, 0) for i in range(max(self.regions, default=-1) + 1))
-            return VhostUserShMemConfig(len(self.regions), sizes)
+            return VhostUserShMemConfig.declaring(sizes)
         if req is FrontendReq.GET_CONFIG:
             query = message.payload
             assert isinstance(query, VhostUserConfig)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -215,7 +216,7 @@ def test_any_memory_bar_of_any_device(capsys: pytest.CaptureFixture[str], fake: 
         (
             ["verify", VIRTIO, "--bar", "4", "0", "8", "--crc", "1", "--pattern", "counter"],
             2,
-            "not both",
+            "one of --pattern, --crc or --expect",
         ),
         (["fill", VIRTIO, "--bar", "4", "0", "0"], 2, "length > 0"),
     ],
@@ -384,3 +385,122 @@ def test_make_install(tmp_path: Path, fake: FakeSysfs) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert bar4(fake).read_bytes()[:64] == pattern.generate(PatternKind.COUNTER, 5, 64)
+
+
+# ---- inspection: dump, read --count, verify --expect ----
+
+
+def poke(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+SAMPLE = bytes(range(0x20, 0x60)) + b"\x00\xff\x7f\x80" * 4  # printable, then not
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 8])
+def test_dump_is_hexdump_c(capsys: pytest.CaptureFixture[str], fake: FakeSysfs, width: int) -> None:
+    poke(bar4(fake), SHM1[0] + 0x100, SAMPLE)
+    code, data = run(capsys, fake, "dump", VIRTIO, "--shm", "1", "0x108", "72", "--width", "8")
+    assert code == 0 and bytes.fromhex(data["data"]) == SAMPLE[8:80]
+    argv = ["--sysfs-root", str(fake.root), "dump", VIRTIO, "--bar", "4", hex(SHM1[0] + 0x108)]
+    assert main([*argv, "72", "--width", str(width)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "00200108  28 29 2a 2b 2c 2d 2e 2f  30 31 32 33 34 35 36 37  |()*+,-./01234567|"
+    )
+    assert lines[4] == ("00200148  00 ff 7f 80 00 ff 7f 80                           |........|")
+    assert lines[5:] == ["00200150"]
+
+
+def test_dump_matches_the_hexdump_tool(capsys: pytest.CaptureFixture[str], fake: FakeSysfs) -> None:
+    hexdump = shutil.which("hexdump")
+    if hexdump is None:
+        pytest.skip("no hexdump(1) on this machine")
+    resource = fake.devices[OTHER] / "resource0"
+    poke(resource, 0x30, SAMPLE)
+    argv = ["--sysfs-root", str(fake.root), "dump", OTHER, "--bar", "0", "0x2e", "0x56"]
+    assert main([*argv, "--width", "2"]) == 0
+    ours = capsys.readouterr().out
+    theirs = subprocess.run(
+        [hexdump, "-C", "-v", "-s", "0x2e", "-n", "0x56", str(resource)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert ours == theirs
+
+
+def test_read_count(capsys: pytest.CaptureFixture[str], fake: FakeSysfs) -> None:
+    poke(bar4(fake), SHM1[0] + 0x40, bytes(range(1, 17)))
+    code, data = run(capsys, fake, "read", VIRTIO, "--shm", "1", "0x40", "--count", "4")
+    assert code == 0
+    assert data["values"] == [0x04030201, 0x08070605, 0x0C0B0A09, 0x100F0E0D]
+    assert (data["value"], data["count"], data["width"]) == (0x04030201, 4, 4)
+    code, data = run(
+        capsys, fake, "read", VIRTIO, "--shm", "1", "0x40", "--count", "2", "--width", "8"
+    )
+    assert data["values"] == [0x0807060504030201, 0x100F0E0D0C0B0A09]
+    code, data = run(capsys, fake, "read", VIRTIO, "--shm", "1", "0x40")  # one word, as before
+    assert (data["value"], data["values"], data["count"]) == (0x04030201, [0x04030201], 1)
+    argv = ["--sysfs-root", str(fake.root), "read", VIRTIO, "--bar", "4", hex(SHM1[0] + 0x4E)]
+    assert main([*argv, "--count", "3", "--width", "2"]) == 0
+    assert capsys.readouterr().out == "0x100f\n0x0000\n0x0000\n"
+    code, data = run(capsys, fake, "read", VIRTIO, "--shm", "1", "0xffff8", "--count", "3")
+    assert code == 4 and "outside shm 1" in data["error"]
+    code, data = run(capsys, fake, "read", VIRTIO, "--shm", "1", "0", "--count", "0")
+    assert code == 2 and "--count 0" in data["error"]
+
+
+def test_verify_expect(capsys: pytest.CaptureFixture[str], fake: FakeSysfs, tmp_path: Path) -> None:
+    golden = pattern.generate(PatternKind.XORSHIFT, 9, 0x1000)
+    expect = tmp_path / "golden.bin"
+    expect.write_bytes(golden)
+    poke(bar4(fake), 0x3000, golden)
+    where = ["verify", VIRTIO, "--shm", "0", "0x3000"]
+    code, data = run(capsys, fake, *where, "--expect", str(expect), "--width", "8")
+    assert (code, data["match"], data["length"], data["mismatch_offset"]) == (0, True, 0x1000, None)
+    assert data["expect"] == str(expect)
+    code, data = run(capsys, fake, *where, "0x800", "--expect", str(expect))  # a prefix
+    assert (code, data["match"], data["length"]) == (0, True, 0x800)
+
+    poke(bar4(fake), 0x3000 + 0x6A5, bytes([golden[0x6A5] ^ 0x10]))
+    code, data = run(capsys, fake, *where, "--expect", str(expect), "--width", "4")
+    assert (code, data["match"], data["mismatch_offset"]) == (1, False, 0x6A5)
+    word = slice(0x6A4, 0x6A8)
+    assert data["expected"] == int.from_bytes(golden[word], "little")
+    assert data["actual"] == data["expected"] ^ (0x10 << 8)
+    argv = ["--sysfs-root", str(fake.root), *where, "--expect", str(expect), "--width", "1"]
+    assert main(argv) == 1
+    assert capsys.readouterr().out == (
+        f"mismatch at +0x6a5: expected {golden[0x6A5]:#x}, got {golden[0x6A5] ^ 0x10:#x}\n"
+    )
+    code, data = run(capsys, fake, *where, "0x6a4", "--expect", str(expect))  # before it
+    assert (code, data["match"]) == (0, True)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["0x2000", "--expect", "{file}"], "has 4096 bytes, fewer than 8192"),
+        (["--expect", "{file}", "--pattern", "counter"], "one of --pattern, --crc or --expect"),
+        (["--expect", "{file}", "--crc", "1"], "one of --pattern, --crc or --expect"),
+        (["--expect", "{missing}"], "cannot read --expect"),
+        (["--pattern", "counter"], "LENGTH is required"),
+        (["--expect", "{odd}"], "length 0x13 must be multiples of width 4"),
+    ],
+)
+def test_verify_expect_usage_errors(
+    capsys: pytest.CaptureFixture[str],
+    fake: FakeSysfs,
+    tmp_path: Path,
+    extra: list[str],
+    needle: str,
+) -> None:
+    files = {"file": tmp_path / "4k.bin", "odd": tmp_path / "odd.bin", "missing": tmp_path / "no"}
+    files["file"].write_bytes(bytes(0x1000))
+    files["odd"].write_bytes(bytes(0x13))
+    argv = [arg.format(**files) for arg in extra]
+    code, data = run(capsys, fake, "verify", VIRTIO, "--shm", "0", "0", *argv)
+    assert code == 2 and needle in data["error"]

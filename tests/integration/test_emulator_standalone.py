@@ -394,3 +394,45 @@ def test_trace_has_one_json_line_per_message_in_both_directions(
     assert error["error"] == errno.EINVAL
     write = next(r for r in records if r["id"] == 5)
     assert write["payload"]["offset"] == 0x14 and write["payload"]["data"] == {"len": 1}
+
+
+def test_trace_records_refused_messages_and_framing_errors(procs: Harness, tmp_path: Path) -> None:
+    """What the codec refuses is traced with its raw header, fd count and reason; a framing
+    error too, though it ends the connection."""
+    trace = tmp_path / "trace.jsonl"
+    emu = procs.emulator("--trace", str(trace))
+    peer = RawPeer(emu.path)
+    event = os.eventfd(0)
+    try:
+        peer.version()
+        unknown = peer.send(0x7777, b"\0" * 8)
+        assert peer.error_of(unknown) == errno.ENOSYS
+        extra_fd = peer.send(Command.DEVICE_GET_INFO, bytes(32), fds=(event,))
+        assert peer.error_of(extra_fd)
+        peer.send(Command.DEVICE_GET_INFO, size=HEADER_SIZE - 1)  # framing lost
+        peer.expect_closed()
+    finally:
+        os.close(event)
+        peer.close()
+    emu.wait_for_log("vfio-user client gone")
+    emu.stop()
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    refused = [r for r in records if r["dir"] == "in" and r["cmd"].startswith("invalid:")]
+    assert [r["cmd"] for r in refused] == [
+        "invalid:30583",
+        "invalid:DEVICE_GET_INFO",
+        "invalid:DEVICE_GET_INFO",
+    ]
+    first, second, framing = refused
+    assert first["id"] == unknown and first["header"] == {"request": 0x7777, "flags": 0, "size": 24}
+    assert first["error"] == errno.ENOSYS and "unknown command" in first["reason"]
+    assert first["fatal"] is False and "nfds" not in first
+    assert second["id"] == extra_fd and second["nfds"] == 1 and "fds" in second["reason"]
+    assert framing["fatal"] is True and framing["size"] == HEADER_SIZE - 1
+    assert "message size" in framing["reason"]
+    # Each refused command got its error reply traced too; the framing error got none.
+    replies = [(r["id"], r["cmd"]) for r in records if r["dir"] == "out" and "id" in r]
+    assert (unknown, "invalid:30583") in replies and (
+        extra_fd,
+        "invalid:DEVICE_GET_INFO",
+    ) in replies

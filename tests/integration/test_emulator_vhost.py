@@ -13,11 +13,11 @@ import errno
 import json
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 from vguest.pattern import PatternKind, generate
@@ -48,8 +48,10 @@ from vhost_user.messages import (
     FrontendReq,
     Payload,
     VhostUserMMap,
+    VhostUserProtocolFeature,
     VhostUserShMemConfig,
     VhostUserU64,
+    VhostUserVringState,
 )
 from vhost_user_backend.daemon import VhostUserDaemon
 from vhost_user_backend.devices.shmem_reference import ShmemRngDevice, make_pattern
@@ -92,15 +94,17 @@ def counter(seed: int, length: int) -> bytes:
     return generate(PatternKind.COUNTER, seed, length)
 
 
-@pytest.mark.parametrize("bit", [22, 20])
-def test_negotiation_at_either_shmem_bit(procs: Harness, bit: int) -> None:
+@pytest.mark.parametrize("bit", [22, 20, 21])
+def test_negotiation_at_any_shmem_bit(procs: Harness, bit: int) -> None:
     flag = ("--shmem-feature-bit", str(bit))
     back, emu, ctl = start(procs, flag, flag)
     emu.wait_for_log(r"protocol features 0x[0-9a-f]+$", regex=True)
     status = ctl.status()
     assert status["connected"] is True
     assert status["protocol_features"] & (1 << bit)
-    assert not status["protocol_features"] & (1 << (42 - bit))  # the other SHMEM bit
+    for other in {20, 21, 22} - {bit}:  # the other SHMEM bits
+        assert not status["protocol_features"] & (1 << other)
+    assert emu.lines("WARNING") == []
     with guest(emu) as driver:
         assert driver.startup.regions[SHMEM_BAR].info.size == 4 * MiB
         assert [(r.shmid, r.offset, r.length) for r in driver.shm_regions] == [(0, 0, 4 * MiB)]
@@ -112,6 +116,9 @@ def test_negotiation_at_either_shmem_bit(procs: Harness, bit: int) -> None:
 
 def test_mismatched_bits_mean_no_shared_memory(procs: Harness) -> None:
     back, emu, ctl = start(procs, ("--shmem-feature-bit", "20"), ("--shmem-feature-bit", "22"))
+    (warning,) = emu.lines("WARNING")
+    assert "offers protocol feature bit 20 (" in warning
+    assert "--shmem-feature-bit 22: no shared memory" in warning
     status = ctl.status()
     assert status["connected"] is True
     assert not status["protocol_features"] & ((1 << 20) | (1 << 22))
@@ -472,22 +479,39 @@ def test_back_end_that_never_answers_times_out_cleanly(procs: Harness, tmp_path:
         silent.close()
 
 
-class StallingBackend:
-    """A hostile back-end that negotiates properly (REPLY_ACK, SHMEM, one 1 MiB region) on
-    every connection and then never answers again, so activation at DRIVER_OK hangs on it."""
+class RawBackend:
+    """A back-end speaking raw vhost-user from a thread, on every connection: it negotiates
+    (VERSION_1, REPLY_ACK, SHMEM at ``shmem_bit``), answers GET_SHMEM_CONFIG with the payload
+    bytes ``shmem_payload`` exactly as given (a libvhost-user back-end's short reply, or a
+    broken one), and acks or answers the rest as a quiet device would. With ``stall`` it
+    answers nothing after negotiation (``stalled_on`` records where), so activation hangs."""
 
     FEATURES = (1 << 32) | (1 << 30)  # VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
-    PROTOCOL = (1 << 3) | (1 << 22)  # REPLY_ACK, SHMEM
-    ANSWERS: ClassVar[dict[FrontendReq, Payload]] = {
-        FrontendReq.GET_FEATURES: VhostUserU64(FEATURES),
-        FrontendReq.GET_PROTOCOL_FEATURES: VhostUserU64(PROTOCOL),
-        FrontendReq.GET_SHMEM_CONFIG: VhostUserShMemConfig(1, (MiB,)),
-    }
+    NEGOTIATION = frozenset(
+        {
+            FrontendReq.GET_FEATURES,
+            FrontendReq.GET_PROTOCOL_FEATURES,
+            FrontendReq.SET_PROTOCOL_FEATURES,
+            FrontendReq.SET_OWNER,
+            FrontendReq.GET_SHMEM_CONFIG,
+        }
+    )
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        shmem_payload: bytes = VhostUserShMemConfig(1, (MiB,)).pack(),
+        *,
+        shmem_bit: int = 22,
+        stall: bool = False,
+    ) -> None:
+        self.shmem_payload = shmem_payload
+        self.protocol = (1 << 3) | (1 << shmem_bit)  # REPLY_ACK, SHMEM
+        self.stall = stall
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
         self.listener.listen(4)
+        self.requests: list[FrontendReq] = []
         self.stalled_on: list[FrontendReq] = []
         self.stalled = threading.Event()
         self.conns: list[socket.socket] = []
@@ -501,6 +525,24 @@ class StallingBackend:
                 self.conns.append(conn)
                 self._converse(conn)
 
+    def _answer(self, msg: VhostUserMessage) -> bytes | None:
+        """The reply's bytes, or None for no reply."""
+        req = FrontendReq(msg.request)
+        payload: Payload | None = None
+        if req is FrontendReq.GET_SHMEM_CONFIG:
+            header = struct.pack("=III", req, 0x5, len(self.shmem_payload))
+            return header + self.shmem_payload
+        if req is FrontendReq.GET_FEATURES:
+            payload = VhostUserU64(self.FEATURES)
+        elif req is FrontendReq.GET_PROTOCOL_FEATURES:
+            payload = VhostUserU64(self.protocol)
+        elif req is FrontendReq.GET_VRING_BASE:
+            assert isinstance(msg.payload, VhostUserVringState)
+            payload = VhostUserVringState(msg.payload.index, 0)
+        elif msg.need_reply:
+            payload = VhostUserU64(0)
+        return None if payload is None else encode(reply_to(msg, payload))[0]
+
     def _converse(self, conn: socket.socket) -> None:
         decoder = VhostUserDecoder(Channel.FRONTEND, expect_replies=False)
         try:
@@ -513,16 +555,14 @@ class StallingBackend:
                 while (msg := decoder.next_message()) is not None:
                     with msg:
                         req = FrontendReq(msg.request)
-                        if req in self.ANSWERS:
-                            reply: VhostUserMessage | None = reply_to(msg, self.ANSWERS[req])
-                        elif req in (FrontendReq.SET_PROTOCOL_FEATURES, FrontendReq.SET_OWNER):
-                            reply = reply_to(msg, VhostUserU64(0)) if msg.need_reply else None
-                        else:
+                        self.requests.append(req)
+                        if self.stall and req not in self.NEGOTIATION:
                             self.stalled_on.append(req)
                             self.stalled.set()
                             return  # stop reading, keep the connection open
+                        reply = self._answer(msg)
                     if reply is not None:
-                        send_with_fds(conn, encode(reply)[0])
+                        send_with_fds(conn, reply)
         finally:
             decoder.close()
 
@@ -539,7 +579,7 @@ def test_back_end_stalling_at_activation_needs_reset_not_a_hang(
     procs: Harness, tmp_path: Path
 ) -> None:
     path = tmp_path / "stalling.sock"
-    stalling = StallingBackend(path)
+    stalling = RawBackend(path, stall=True)
     try:
         emu = procs.emulator("--vhost-user-socket", str(path), "--backend-timeout", "0.5")
         with guest(emu) as driver:
@@ -643,3 +683,146 @@ def test_config_is_read_once_and_again_after_config_change(procs: Harness, tmp_p
     finally:
         backend.stop()
         thread.join(10)
+
+
+def shmem_payload(nregions: int, *sizes: int) -> bytes:
+    """A GET_SHMEM_CONFIG reply payload as a back-end sends it: nregions, padding, sizes."""
+    return struct.pack(f"=II{len(sizes)}Q", nregions, 0, *sizes)
+
+
+def trace_records(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("payload", "regions"),
+    [
+        # libvhost-user: nregions, padding and the sizes up to the last declared one.
+        (shmem_payload(2, 2 * MiB, MiB), {(0, 0, 2 * MiB), (1, 2 * MiB, MiB)}),
+        (shmem_payload(1, 0, 0, 0, MiB), {(3, 0, MiB)}),
+        # A size past nregions is not a region (QEMU takes the first nregions non-zero ones).
+        (shmem_payload(1, MiB, 0, 4 * MiB), {(0, 0, MiB)}),
+    ],
+    ids=["24-bytes-two-regions", "40-bytes-shmid-3", "extra-size-ignored"],
+)
+def test_short_get_shmem_config_reply_builds_the_bar(
+    procs: Harness, tmp_path: Path, payload: bytes, regions: set[tuple[int, int, int]]
+) -> None:
+    path = tmp_path / "libvhost-user-like.sock"
+    trace = tmp_path / "trace.jsonl"
+    backend = RawBackend(path, payload)
+    try:
+        emu = procs.emulator("--vhost-user-socket", str(path), "--trace", str(trace))
+        with guest(emu) as driver:
+            assert {(r.shmid, r.offset, r.length) for r in driver.shm_regions} == regions
+            assert all(r.bar == SHMEM_BAR for r in driver.shm_regions)
+            end = max(offset + length for _, offset, length in regions)
+            assert driver.startup.regions[SHMEM_BAR].info.size >= end
+            assert driver.shm_read(min(r[0] for r in regions), 0, 8) == bytes(8)
+        emu.stop()
+    finally:
+        backend.close()
+    assert "payload is" not in emu.log()
+    (reply,) = [
+        r
+        for r in trace_records(trace)
+        if r["channel"] == "vhost-user-frontend" and r["dir"] == "in"
+        if r["cmd"] == "GET_SHMEM_CONFIG"
+    ]
+    assert isinstance(reply["payload"], dict)
+    assert reply["payload"]["nregions"] == len(regions)
+
+
+@pytest.mark.parametrize(
+    ("payload", "rule"),
+    [
+        (shmem_payload(2, MiB)[:-4], "whole-items"),  # 12 bytes: half a size
+        (shmem_payload(2, MiB), "nregions-sizes"),  # ends before the second region
+        (shmem_payload(300, *([MiB] * 4)), "max-nregions"),
+        (b"\x01\x00\x00\x00", "head"),
+    ],
+    ids=["half-a-size", "ends-before-nregions", "nregions-over-256", "no-head"],
+)
+def test_inconsistent_get_shmem_config_reply_is_refused_by_its_rule(
+    procs: Harness, tmp_path: Path, payload: bytes, rule: str
+) -> None:
+    path = tmp_path / "inconsistent.sock"
+    trace = tmp_path / "trace.jsonl"
+    backend = RawBackend(path, payload)
+    try:
+        emu = procs.emulator(
+            "--vhost-user-socket", str(path), "--trace", str(trace), wait_ready=False
+        )
+        assert emu.wait_exit(timeout=20) == 1
+    finally:
+        backend.close()
+    assert backend.requests[-1] == FrontendReq.GET_SHMEM_CONFIG
+    errors = emu.lines(f"ERROR .*GET_SHMEM_CONFIG.*breaks rule {rule}:")
+    assert len(errors) == 1, emu.log()
+    assert "Traceback" not in emu.log()
+    assert not emu.path.exists()
+    # The refused reply is in the trace like any other message, with its raw header.
+    (refused,) = [r for r in trace_records(trace) if str(r["cmd"]).startswith("invalid:")]
+    assert refused["channel"] == "vhost-user-frontend" and refused["dir"] == "in"
+    assert refused["cmd"] == "invalid:GET_SHMEM_CONFIG"
+    assert refused["header"] == {"request": 44, "flags": 0x5, "size": len(payload)}
+    assert refused["size"] == 12 + len(payload)
+    assert f"breaks rule {rule}:" in str(refused["reason"])
+    assert refused["error"] == errno.EINVAL and refused["fatal"] is False
+
+
+class _BitsDaemon:
+    """A back-end on our library whose protocol features are ``REPLY_ACK | BACKEND_REQ`` plus
+    the raw ``bits``, whatever its shared-memory bit (here 22) would offer."""
+
+    def __init__(self, path: Path, bits: set[int]) -> None:
+        self.daemon = VhostUserDaemon(ShmemRngDevice([(0, MiB)]), str(path))
+        pf = VhostUserProtocolFeature
+        self.daemon.offered_protocol_features = int(pf.REPLY_ACK | pf.BACKEND_REQ) | sum(
+            1 << bit for bit in bits
+        )
+        self.thread = self.daemon.serve_in_thread()
+
+    def stop(self) -> None:
+        self.daemon.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    ("bits", "named"),
+    [
+        ({20}, ["bit 20 (GET_VRING_BASE_INFLIGHT upstream"]),
+        ({21}, ["bit 21 (GPA_ADDRESSES upstream, SHMEM in rust-vmm vhost <= 0.16)"]),
+        ({20, 21}, ["bits 20 (", ", 21 (", "restart with --shmem-feature-bit 20|21"]),
+        ({20, 22}, None),  # an upstream back-end with GET_VRING_BASE_INFLIGHT: ours is offered
+    ],
+    ids=["20", "21", "20-and-21", "20-and-22"],
+)
+def test_other_shmem_bits_give_one_warning_across_reconnects(
+    procs: Harness, tmp_path: Path, bits: set[int], named: list[str] | None
+) -> None:
+    path = tmp_path / "bits.sock"
+    backend = _BitsDaemon(path, bits)
+    try:
+        emu = procs.emulator("--vhost-user-socket", str(path))
+        with guest(emu) as driver:
+            has_shmem = 22 in bits
+            assert [r.shmid for r in driver.shm_regions] == ([0] if has_shmem else [])
+        # The same back-end again: the connection negotiates again, the warning stays one.
+        mark = emu.mark()
+        backend.stop()
+        emu.wait_for_log("vhost-user back-end lost", start=mark)
+        backend = _BitsDaemon(path, bits)
+        emu.wait_for_log("vhost-user back-end connected", start=mark)
+        emu.stop()
+    finally:
+        backend.stop()
+    warnings = emu.lines("WARNING .*offers protocol feature bit")
+    if named is None:
+        assert warnings == []
+        return
+    assert len(warnings) == 1, emu.log()
+    assert "but not bit 22, the shared-memory bit of --shmem-feature-bit 22" in warnings[0]
+    for text in named:
+        assert text in warnings[0]

@@ -50,7 +50,7 @@ class Frontend(LockstepFrontend):
         self.peer.close()
 
 
-@pytest.fixture(params=[22, 20])
+@pytest.fixture(params=[22, 20, 21])
 def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str, int]]:
     bit: int = request.param
     sock, ctl = tmp_path / "vhost.sock", tmp_path / "ctl.sock"
@@ -87,7 +87,7 @@ def test_map_read_write_unmap_end_to_end(daemon: tuple[str, str, int]) -> None:
         reply = fe.call(FrontendReq.GET_SHMEM_CONFIG)
         assert reply is not None
         cfg = reply.payload
-        assert cfg == VhostUserShMemConfig(3, (4 << 20, 0, 64 << 10))
+        assert cfg == VhostUserShMemConfig(2, (4 << 20, 0, 64 << 10))
 
         reply = ctl(cmd="map", shmid=0, shm_offset=0x1000, length=8192, pattern="counter", seed=7)
         assert reply["ok"], reply
@@ -154,3 +154,22 @@ def test_control_without_front_end_and_rng_data_plane(daemon: tuple[str, str, in
         fe.close()
         for fd in (ram, kick, call):
             os.close(fd)
+
+
+def test_serve_once_exits_with_0_when_the_front_end_leaves(tmp_path: Path) -> None:
+    """``--serve-once``: the process ends by itself, cleanly, once its front-end has gone (a
+    mapping and the back-end channel still up); the library returned, nothing called exit."""
+    sock, ctl_path = tmp_path / "vhost.sock", tmp_path / "ctl.sock"
+    group = ProcessGroup(tmp_path)
+    with group.running():
+        proc = start_shmem_backend(
+            group, sock, "--serve-once", "--rng-source", "counter", control_socket=ctl_path
+        )
+        fe = Frontend(str(sock), 22)
+        with ControlClient(ctl_path) as ctl:
+            assert ctl(cmd="map", shmid=0, shm_offset=0, length=4096)["ok"]
+        fe.close()
+        assert proc.wait_exit(10) == 0
+        assert "Traceback" not in proc.log()
+        assert not sock.exists() and not ctl_path.exists()
+        assert proc.lines("front-end disconnected: end of stream")

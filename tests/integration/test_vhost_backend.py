@@ -7,17 +7,21 @@ import os
 import select
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from testkit import ChannelPeer, LockstepFrontend
-from testkit.procfs import fd_count
+from testkit.procfs import fd_count, fd_table, fd_targets, memfd_mappings
 from vhost_user.codec import (
     request,
 )
 from vhost_user.messages import (
+    BackendReq,
     FrontendReq,
     VhostUserConfig,
     VhostUserMemory,
@@ -33,6 +37,7 @@ from vhost_user_backend.daemon import VhostUserDaemon, VhostUserDevice
 from vhost_user_backend.errors import ChannelFailed, FrontendRefused
 from vhost_user_backend.vring import Vring
 from wire.errors import StateError
+from wire.unix import close_fds, recv_with_fds, send_with_fds
 
 PF = VhostUserProtocolFeature
 GPA_BASE = 0x4000_0000
@@ -49,6 +54,8 @@ class EchoDevice(VhostUserDevice):
 
     def __init__(self) -> None:
         self.disconnects = 0
+        self.resets = 0
+        self.disconnected = threading.Event()
 
     def shmem_sizes(self) -> list[int]:
         return [0x400000, 0, 0x2000]
@@ -65,8 +72,17 @@ class EchoDevice(VhostUserDevice):
         if used:
             vring.notify()
 
+    def reset(self) -> None:
+        self.resets += 1
+
     def on_disconnect(self) -> None:
         self.disconnects += 1
+        self.disconnected.set()
+
+
+def eventfd_count() -> int:
+    """Eventfds this process holds (the test's and the daemon thread's)."""
+    return sum(1 for target in fd_table().values() if target == "anon_inode:[eventfd]")
 
 
 @pytest.fixture
@@ -105,7 +121,7 @@ def fe(backend: VhostUserDaemon, sock_path: str) -> Iterator[LockstepFrontend]:
 ALL = PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.SHMEM
 
 
-@pytest.mark.parametrize("bit", [22, 20])
+@pytest.mark.parametrize("bit", [22, 20, 21])
 def test_negotiation_with_shmem_bit(bit: int, sock_path: str) -> None:
     for backend in start(EchoDevice(), sock_path, shmem_feature_bit=bit):
         fe = LockstepFrontend(sock_path)
@@ -113,14 +129,14 @@ def test_negotiation_with_shmem_bit(bit: int, sock_path: str) -> None:
         assert features & (1 << 30) and features & (1 << 32)
         offered = fe.u64(FrontendReq.GET_PROTOCOL_FEATURES)
         assert offered & (1 << bit)
-        other = 20 if bit == 22 else 22
-        assert not offered & (1 << other)
+        for other in {20, 21, 22} - {bit}:
+            assert not offered & (1 << other)
         proto = int(PF.MQ | PF.REPLY_ACK | PF.CONFIG) | 1 << bit
         assert fe.u64(FrontendReq.SET_PROTOCOL_FEATURES, VhostUserU64(proto)) == 0
         assert fe.u64(FrontendReq.GET_QUEUE_NUM) == 2
         reply = fe.call(FrontendReq.GET_SHMEM_CONFIG)
         assert reply is not None
-        assert reply.payload == VhostUserShMemConfig(3, (0x400000, 0, 0x2000))
+        assert reply.payload == VhostUserShMemConfig(2, (0x400000, 0, 0x2000))
         cfg = fe.call(FrontendReq.GET_CONFIG, VhostUserConfig(4, 4, 0, bytes(4)))
         assert cfg is not None and cfg.payload == VhostUserConfig(4, 4, 0, bytes([4, 5, 6, 7]))
         assert backend.acked_protocol_features == proto
@@ -385,3 +401,173 @@ def test_shmem_map_timeout_and_state_errors(sock_path: str) -> None:
         assert not backend.status()["backend_channel"]
         fe.close()
         os.close(memfd)
+
+
+# -- the library when the front-end goes away ----------------------------------------------------
+
+SHMEM_MAP_HEADER = struct.Struct("=III")
+
+
+class RawChannel:
+    """The front-end's end of the back-end channel, driven by hand: ``take_request`` reads one
+    request (and closes the fd it carried), then the test does to the socket what it wants."""
+
+    def __init__(self, fe: LockstepFrontend) -> None:
+        self.sock, theirs = socket.socketpair()
+        try:
+            assert fe.u64(FrontendReq.SET_BACKEND_REQ_FD, fds=[theirs.fileno()]) == 0
+        finally:
+            theirs.close()
+        self.sock.settimeout(5)
+
+    def take_request(self) -> int:
+        """The request number of the next message (its body read, its fds closed)."""
+        data, fds = recv_with_fds(self.sock, SHMEM_MAP_HEADER.size)
+        request_id, _flags, size = SHMEM_MAP_HEADER.unpack(data)
+        body, more = recv_with_fds(self.sock, size)
+        close_fds([*fds, *more])
+        assert len(body) == size
+        return int(request_id)
+
+
+def shmem_map_in_thread(backend: VhostUserDaemon, memfd: int) -> Future[None]:
+    """``shmem_map`` called by a device thread, as the reference device's control socket does."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(backend.shmem_map, 0, memfd, 0, 0, 4096, writable=False)
+    pool.shutdown(wait=False)
+    return future
+
+
+def u64_reply(request_id: int, flags: int = 0x5, body: bytes = struct.pack("=Q", 0)) -> bytes:
+    return SHMEM_MAP_HEADER.pack(request_id, flags, len(body)) + body
+
+
+@pytest.mark.parametrize(
+    "what",
+    [
+        "channel-closed",
+        "half-a-header-then-closed",
+        "bad-version",
+        "oversized-header",
+        "reply-to-another-request",
+        "a-request-not-a-reply",
+        "status-of-4-bytes",
+        "reply-with-an-fd",
+        "main-socket-closed",
+    ],
+)
+def test_channel_failure_while_waiting_for_shmem_map_is_channel_failed(
+    sock_path: str, what: str
+) -> None:
+    """Whatever the front-end does to the back-end channel while a device waits for its
+    SHMEM_MAP status, the device gets ``ChannelFailed`` at once (long before the timeout), no
+    fd leaks, and the daemon keeps serving (the same front-end, or the next one)."""
+    memfd = os.memfd_create("shm")
+    os.ftruncate(memfd, 4096)
+    for backend in start(EchoDevice(), sock_path, reply_timeout=30.0):
+        fe = LockstepFrontend(sock_path)
+        fe.negotiate(int(ALL))
+        before = fd_count()
+        channel = RawChannel(fe)
+        started = time.monotonic()
+        future = shmem_map_in_thread(backend, memfd)
+        assert channel.take_request() == BackendReq.SHMEM_MAP
+        if what == "channel-closed":
+            channel.sock.close()
+        elif what == "half-a-header-then-closed":
+            channel.sock.sendall(u64_reply(BackendReq.SHMEM_MAP)[:5])
+            channel.sock.close()
+        elif what == "bad-version":
+            channel.sock.sendall(u64_reply(BackendReq.SHMEM_MAP, flags=0x6))
+        elif what == "oversized-header":
+            channel.sock.sendall(SHMEM_MAP_HEADER.pack(BackendReq.SHMEM_MAP, 0x5, 1 << 20))
+        elif what == "reply-to-another-request":
+            channel.sock.sendall(u64_reply(BackendReq.SHMEM_UNMAP))
+        elif what == "a-request-not-a-reply":
+            channel.sock.sendall(u64_reply(BackendReq.SHMEM_MAP, flags=0x1))
+        elif what == "status-of-4-bytes":
+            channel.sock.sendall(u64_reply(BackendReq.SHMEM_MAP, body=bytes(4)))
+        elif what == "reply-with-an-fd":
+            stray = os.eventfd(0)
+            send_with_fds(channel.sock, u64_reply(BackendReq.SHMEM_MAP), [stray])
+            os.close(stray)
+        else:
+            fe.close()
+        with pytest.raises(ChannelFailed):
+            future.result(timeout=10)
+        assert time.monotonic() - started < 10  # not the 30 s timeout
+        assert not backend.status()["backend_channel"]
+        with pytest.raises(StateError):  # the channel is gone, not left half-read
+            backend.shmem_map(0, memfd, 0, 0, 4096, writable=False)
+        channel.sock.close()
+        if what == "main-socket-closed":
+            fe = LockstepFrontend(sock_path)  # the daemon accepts the next front-end
+            fe.negotiate(int(ALL))  # its two sockets replace the first connection's
+        assert fe.u64(FrontendReq.GET_FEATURES)  # the main socket is still served
+        assert fd_count() == before, fd_targets()
+        fe.close()
+    os.close(memfd)
+
+
+def test_front_end_leaving_closes_every_fd_and_unmaps_guest_memory(
+    sock_path: str, guest: Guest
+) -> None:
+    """A front-end that set up memory, a running ring (kick, call, err) and the back-end
+    channel closes its main socket: the daemon closes and unmaps all of it, calls the device's
+    hooks, and accepts the next front-end."""
+    device = EchoDevice()
+    ram = "memfd:guest-ram"
+    before, maps_before = fd_count(), len(memfd_mappings("self", ram))
+    for backend in start(device, sock_path):
+        serving = fd_count()  # the daemon's listener, selector and wake-up pipe
+        fe = LockstepFrontend(sock_path)
+        fe.negotiate(int(ALL))
+        guest.setup(fe)
+        channel = RawChannel(fe)
+        assert len(memfd_mappings("self", ram)) == maps_before + 1
+        kick_dups = eventfd_count()
+        fe.close()
+        assert device.disconnected.wait(5)
+        assert device.disconnects == 1 and device.resets == 1
+        assert channel.sock.recv(1) == b""  # the daemon closed its end of the channel
+        channel.sock.close()
+        assert len(memfd_mappings("self", ram)) == maps_before
+        assert eventfd_count() == kick_dups - 3  # its dups of kick, call and err
+        assert fd_count() == serving, fd_targets()
+        status = backend.status()
+        assert not status["connected"] and status["memory_regions"] == 0
+        assert not status["backend_channel"] and not status["queues"][0]["started"]
+        fe = LockstepFrontend(sock_path)
+        assert fe.u64(FrontendReq.GET_FEATURES)
+        fe.close()
+    assert fd_count() == before, fd_targets()
+
+
+def test_serve_once_returns_from_serve_forever_when_the_front_end_leaves(
+    sock_path: str, guest: Guest
+) -> None:
+    device = EchoDevice()
+    before = fd_count()
+    backend = VhostUserDaemon(device, sock_path, serve_once=True)
+    outcome: list[BaseException | None] = []
+
+    def serve() -> None:
+        try:
+            backend.serve_forever()
+            outcome.append(None)
+        except BaseException as exc:  # SystemExit included: the library must never exit
+            outcome.append(exc)
+
+    backend.listen()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    fe = LockstepFrontend(sock_path)
+    fe.negotiate(int(ALL))
+    guest.setup(fe)
+    fe.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert outcome == [None]
+    assert device.disconnects == 1
+    assert not os.path.exists(sock_path)
+    assert fd_count() == before, fd_targets()

@@ -26,15 +26,12 @@ there, "zero" all zeros; checksums are CRC-32C.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
 import signal
-import socketserver
 import sys
 import threading
 from collections.abc import Sequence
@@ -43,7 +40,13 @@ from typing import Any
 
 from vguest.pattern import PatternKind, crc32c, generate
 
-from vhost_user.messages import SHMEM_FEATURE_BIT_DRAFT, SHMEM_FEATURE_BIT_UPSTREAM
+from vhost_user.messages import (
+    SHMEM_FEATURE_BIT_DRAFT,
+    SHMEM_FEATURE_BIT_RUST_VMM,
+    SHMEM_FEATURE_BIT_UPSTREAM,
+)
+from vhost_user_backend import control
+from vhost_user_backend.control import ControlServer
 from vhost_user_backend.daemon import (
     PAGE_SIZE,
     VIRTIO_F_VERSION_1,
@@ -53,7 +56,6 @@ from vhost_user_backend.daemon import (
 from vhost_user_backend.errors import DaemonError, DeviceConfigError, FrontendRefused
 from vhost_user_backend.vring import Vring
 from wire.errors import StateError, WireError
-from wire.unix import connect_unix
 
 log = logging.getLogger(__name__)
 
@@ -312,72 +314,8 @@ def handle_command(device: ShmemRngDevice, req: dict[str, Any]) -> dict[str, Any
         return {"ok": False, "error": str(exc), "code": exc.errno or errno.EIO}
 
 
-class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """JSON-lines control socket; each connection gets a thread, each line one reply."""
-
-    daemon_threads = True
-
-    def __init__(self, path: str, device: ShmemRngDevice) -> None:
-        self.device = device
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        super().__init__(path, _ControlHandler)
-
-
-class _ControlHandler(socketserver.StreamRequestHandler):
-    server: ControlServer
-
-    def handle(self) -> None:
-        for line in self.rfile:
-            if not line.strip():
-                continue
-            try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError("a command is a JSON object")
-            except ValueError as exc:
-                reply: dict[str, Any] = {"ok": False, "error": f"bad JSON: {exc}", "code": 22}
-            else:
-                log.debug("control <-- %s", req.get("cmd"))
-                reply = handle_command(self.server.device, req)
-            self.wfile.write(json.dumps(reply).encode() + b"\n")
-            self.wfile.flush()
-
-
-class ControlRefused(DaemonError):
-    """A control command that had to succeed got ``{"ok": false, ...}``; ``reply`` is that."""
-
-    def __init__(self, cmd: str, fields: dict[str, Any], reply: dict[str, Any]) -> None:
-        super().__init__(f"control command {cmd} {fields} refused: {reply}")
-        self.reply = reply
-
-
-class ControlClient:
-    """The client side of the control socket: one request line, one reply line.
-
-    ``client("map", shmid=0, ...)`` returns the reply as it is; ``client.ok(...)`` raises
-    ``ControlRefused`` unless it says ``"ok": true``.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], timeout: float = 10.0) -> None:
-        self.sock = connect_unix(path, timeout)
-        self._file = self.sock.makefile("rwb")
-
-    def __call__(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        self._file.write(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
-        self._file.flush()
-        line = self._file.readline()
-        if not line:
-            raise ConnectionError(f"control socket closed while waiting for the {cmd} reply")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
-    def ok(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        """A command that must succeed."""
-        reply = self(cmd, **fields)
-        if reply.get("ok") is not True:
-            raise ControlRefused(cmd, fields, reply)
-        return reply
+class ControlClient(control.ControlClient):
+    """``vhost_user_backend.control.ControlClient`` with this device's commands as methods."""
 
     def map(
         self,
@@ -406,19 +344,6 @@ class ControlClient:
         reply = self.ok("read", shmid=shmid, shm_offset=shm_offset, length=length, offset=offset)
         return bytes.fromhex(reply["data"])
 
-    def status(self) -> dict[str, Any]:
-        return self.ok("status")
-
-    def close(self) -> None:
-        self._file.close()
-        self.sock.close()
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -437,9 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shmem-feature-bit",
         type=int,
-        choices=(SHMEM_FEATURE_BIT_UPSTREAM, SHMEM_FEATURE_BIT_DRAFT),
+        choices=(SHMEM_FEATURE_BIT_UPSTREAM, SHMEM_FEATURE_BIT_DRAFT, SHMEM_FEATURE_BIT_RUST_VMM),
         default=SHMEM_FEATURE_BIT_UPSTREAM,
-        help="protocol feature bit for SHMEM (22 upstream, 20 in the draft patches)",
+        help="protocol feature bit for SHMEM: 22 (upstream, the default), 20 (the draft "
+        "patches; upstream's GET_VRING_BASE_INFLIGHT) or 21 (what rust-vmm vhost <= 0.16 "
+        "back-ends use; upstream's GPA_ADDRESSES, so only against front-ends that expect it)",
     )
     parser.add_argument("--virtio-id", type=int, default=VIRTIO_ID_RNG, help="virtio device id")
     parser.add_argument(
@@ -449,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes for the request queue: os.urandom or the deterministic counter pattern",
     )
     parser.add_argument("--control-socket", help="JSON-lines control socket path")
+    parser.add_argument(
+        "--serve-once",
+        action="store_true",
+        help="exit (status 0) once the first front-end has left, instead of waiting for the next",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
@@ -463,22 +395,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeviceConfigError as exc:
         print(f"vhost-device-shmem: {exc}", file=sys.stderr)
         return 2
-    backend = VhostUserDaemon(device, args.socket_path, shmem_feature_bit=args.shmem_feature_bit)
-    control: ControlServer | None = None
+    backend = VhostUserDaemon(
+        device,
+        args.socket_path,
+        shmem_feature_bit=args.shmem_feature_bit,
+        serve_once=args.serve_once,
+    )
+    server: ControlServer | None = None
     if args.control_socket:
-        control = ControlServer(args.control_socket, device)
-        threading.Thread(target=control.serve_forever, name="control", daemon=True).start()
+        server = ControlServer(args.control_socket, lambda req: handle_command(device, req))
+        server.serve_in_thread()
         log.info("control socket on %s", args.control_socket)
     signal.signal(signal.SIGTERM, lambda *_: backend.stop())
     signal.signal(signal.SIGINT, lambda *_: backend.stop())
     try:
         backend.serve_forever()
     finally:
-        if control is not None:
-            control.shutdown()
-            control.server_close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(args.control_socket)
+        if server is not None:
+            server.close()
     return 0
 
 
