@@ -364,7 +364,7 @@ def run_dax_boot(report: Report, counts: VmCounts) -> None:
         "fig6.ratio.dax_read",
         "fig6.dax_read.emulator",
         "fig6.dax_read.qemu",
-        note="ours / QEMU native: trapped window vs guest-mapped pages (see the section's docstring)",
+        note="ours / QEMU native: a trapped window vs guest-mapped pages (see run_dax_boot)",
     )
 
 

@@ -1,4 +1,4 @@
-"""Linux's own virtio-fs driver on our shared memory: ``mount -o dax=always`` through both front-ends.
+"""Linux's own virtio-fs driver on our shared memory: ``mount -o dax=always``, both front-ends.
 
 The guest kernel's DAX code (fs/fuse/dax.c) sets up its cache window on shared-memory region 0 and
 reads and writes file data through it; our ``vhost-device-fs`` answers FUSE_SETUPMAPPING with a
@@ -62,8 +62,10 @@ class Dax:
     contents: dict[str, bytes]
     timings: dict[str, float] = field(default_factory=dict)
 
-    def status(self) -> dict[str, Any]:
-        return self.sc.backend_ok(cmd="status")
+    def window(self) -> dict[str, Any]:
+        """The back-end's DAX window: counters, live mappings and its chunk table."""
+        window: dict[str, Any] = self.sc.backend_ok(cmd="status")["window"]
+        return window
 
     def guest_read(self, name: str, how: str = "read", timeout: float = 600.0) -> dict[str, Any]:
         result: dict[str, Any] = self.sc.g.json(
@@ -131,14 +133,15 @@ def test_the_share_is_mounted_with_dax(dax: Dax) -> None:
 def test_guest_reads_match_the_host(
     dax: Dax, name: str, record_property: Callable[[str, object], None]
 ) -> None:
-    before = dax.status()["counters"]["setupmapping"]
+    before = dax.window()["counters"]["setups"]
     seen = dax.guest_read(name)
     assert seen["size"] == len(dax.contents[name])
     assert seen["sha256"] == hashlib.sha256(dax.contents[name]).hexdigest()
     dax.timings[name] = round(seen["seconds"], 2)
     record_property(f"read_{name}_seconds", seen["seconds"])
-    if FILES[name]:  # an empty file has nothing to map
-        assert dax.status()["counters"]["setupmapping"] > before or dax.status()["mappings"]
+    if FILES[name]:  # an empty file has nothing to map; a chunk already set up is reused
+        window = dax.window()
+        assert window["counters"]["setups"] > before or window["live_mappings"]
 
 
 def test_guest_mmap_of_a_dax_file(dax: Dax) -> None:
@@ -167,7 +170,7 @@ def test_guest_write_through_dax_reaches_the_host(dax: Dax) -> None:
 
 
 def test_host_change_is_seen_by_the_guest_after_a_re_read(dax: Dax) -> None:
-    """The guest reads the host's page cache itself: a change on the host shows without a remount."""
+    """The guest reads the host's page cache itself: a host change shows without a remount."""
     path = dax.shared / "page"
     changed = bytes(reversed(dax.contents["page"]))
     with path.open("r+b") as f:
@@ -178,12 +181,12 @@ def test_host_change_is_seen_by_the_guest_after_a_re_read(dax: Dax) -> None:
 
 
 def test_unmount_removes_every_mapping(dax: Dax) -> None:
-    assert dax.status()["mappings"], "reads left no live DAX mapping to remove"
+    assert dax.window()["live_mappings"], "reads left no live DAX mapping to remove"
     assert dax.frontend_maps_of_shared_files()
     dax.sc.g.run(["umount", MNT], check=True)
-    status = dax.status()
-    assert status["mappings"] == []
-    assert status["counters"]["removemapping"] > 0
+    window = dax.window()
+    assert window["live_mappings"] == 0 and window["chunks"] == []
+    assert window["counters"]["removes"] > 0
     assert dax.frontend_maps_of_shared_files() == []
 
 
@@ -195,10 +198,10 @@ def test_device_reset_with_live_mappings_then_remount(dax: Dax) -> None:
     assert dax.guest_read("page")["sha256"] == hashlib.sha256(dax.contents["page"]).hexdigest()
     assert dax.frontend_maps_of_shared_files()
     bdf = dax.sc.bdf()
-    assert dax.status()["mappings"]
+    assert dax.window()["live_mappings"]
     dax.sc.g.sh(f"echo {bdf} > /sys/bus/pci/drivers/virtio-pci/unbind", check=True)
     assert dax.frontend_maps_of_shared_files() == []
-    assert dax.status()["mappings"] == []
+    assert dax.window()["live_mappings"] == 0
     dax.sc.g.run(["umount", "-l", MNT], check=True)
     dax.sc.g.sh(f"echo {bdf} > /sys/bus/pci/drivers/virtio-pci/bind", check=True)
     dax.mount()
@@ -206,4 +209,4 @@ def test_device_reset_with_live_mappings_then_remount(dax: Dax) -> None:
         seen = dax.guest_read(name)
         assert seen["sha256"] == hashlib.sha256(dax.contents[name]).hexdigest(), name
     dax.sc.g.run(["umount", MNT], check=True)
-    log.info("status after the remount: %s", json.dumps(dax.status()["counters"]))
+    log.info("window after the remount: %s", json.dumps(dax.window()["counters"]))
