@@ -180,13 +180,26 @@ def test_host_change_is_seen_by_the_guest_after_a_re_read(dax: Dax) -> None:
     assert seen["sha256"] == hashlib.sha256(changed).hexdigest()
 
 
-def test_unmount_removes_every_mapping(dax: Dax) -> None:
+def test_inode_eviction_sends_removemapping_for_every_mapping(dax: Dax) -> None:
+    """While mounted, an evicted inode's window ranges go back by FUSE_REMOVEMAPPING."""
     assert dax.window()["live_mappings"], "reads left no live DAX mapping to remove"
     assert dax.frontend_maps_of_shared_files()
+    removes = dax.window()["counters"]["removes"]
+    dax.sc.g.sh("sync; echo 2 > /proc/sys/vm/drop_caches", check=True)
+    window = dax.window()
+    assert window["counters"]["removes"] > removes
+    assert window["live_mappings"] == 0 and window["chunks"] == []
+    assert dax.frontend_maps_of_shared_files() == []
+
+
+def test_unmount_leaves_no_mapping(dax: Dax) -> None:
+    """At unmount the kernel sends no REMOVEMAPPING (its inodes are evicted with the super block
+    inactive) but FUSE_DESTROY: the device unmaps what is left, and the front-end holds nothing."""
+    assert dax.guest_read("page")["sha256"] == hashlib.sha256(dax.contents["page"]).hexdigest()
+    assert dax.window()["live_mappings"]
     dax.sc.g.run(["umount", MNT], check=True)
     window = dax.window()
     assert window["live_mappings"] == 0 and window["chunks"] == []
-    assert window["counters"]["removes"] > 0
     assert dax.frontend_maps_of_shared_files() == []
 
 
