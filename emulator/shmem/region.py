@@ -278,7 +278,9 @@ class SharedMemoryRegion:
         """Map ``length`` bytes of ``fd`` at ``fd_offset`` to ``shm_offset`` in this region.
 
         ``fd`` is lent: never closed, never changed, and not needed once mapped (the mapping
-        holds the file). On ``MappingRefused`` nothing changed.
+        holds the file). The checks that need no system call come first, then the fd's own
+        (``_inspect``), then ``mmap``; a mapping the kernel cannot copy through is undone.
+        On ``MappingRefused`` nothing changed.
         """
         res = self._res
         span = f"[{shm_offset:#x}, +{length:#x}) from fd offset {fd_offset:#x}"
@@ -298,27 +300,7 @@ class SharedMemoryRegion:
             self._refuse(RefusalReason.LIMIT, f"{span}: BAR holds {res.limit} mappings")
         if self._table.overlaps(shm_offset, length):
             self._refuse(RefusalReason.OVERLAP, f"{span}: overlaps a live mapping")
-        try:
-            magic = filesystem_magic(fd)
-        except OSError as exc:
-            self._refuse(RefusalReason.FD, f"{span}: fd {fd} is unusable: {exc.strerror}")
-        blocking = BLOCKING_FILESYSTEMS.get(magic)
-        if blocking is not None:
-            self._refuse(
-                RefusalReason.BLOCKING_FS,
-                f"{span}: {describe(fd)} is on {blocking}: a page fault there waits for "
-                "another machine or process, and the emulator's only thread with it",
-            )
-        try:
-            info = os.fstat(fd)
-        except OSError as exc:
-            self._refuse(RefusalReason.FD, f"{span}: fd {fd} is unusable: {exc.strerror}")
-        if writable and magic == HUGETLBFS_MAGIC and fd_offset + length > info.st_size:
-            self._refuse(
-                RefusalReason.FD_SIZE,
-                f"{span}: a writable mapping past the end of a hugetlbfs file would grow "
-                f"the back-end's {info.st_size:#x}-byte file",
-            )
+        magic, info = self._inspect(fd, span, fd_offset + length, writable)
         address = self.host_address + shm_offset
         prot = PROT_READ | PROT_WRITE if writable else PROT_READ
         try:
@@ -336,8 +318,9 @@ class SharedMemoryRegion:
             self._restore(address, length)
             self._refuse(
                 RefusalReason.UNCOPYABLE,
-                f"{span}: the kernel will not copy through a mapping of {describe(fd)} "
-                "(device or secret memory): guest accesses could not reach it",
+                f"{span}: the kernel cannot copy the first page of this mapping of "
+                f"{describe(fd)} (device or secret memory, or past the device's end): "
+                "guest accesses could not reach it",
             )
         size = fd_size(fd, info.st_mode, info.st_size, magic)
         live = _Live(
@@ -359,6 +342,32 @@ class SharedMemoryRegion:
             kind,
             "unknown size" if size is None else f"{size:#x} bytes",
         )
+
+    def _inspect(self, fd: int, span: str, end: int, writable: bool) -> tuple[int, os.stat_result]:
+        """The fd's filesystem magic and ``fstat``, or a refusal. The filesystem is checked
+        first: on a refused one nothing but ``fstatfs`` reaches it (see ``fdkind``)."""
+        try:
+            magic = filesystem_magic(fd)
+        except OSError as exc:
+            self._refuse(RefusalReason.FD, f"{span}: fd {fd} is unusable: {exc.strerror}")
+        blocking = BLOCKING_FILESYSTEMS.get(magic)
+        if blocking is not None:
+            self._refuse(
+                RefusalReason.BLOCKING_FS,
+                f"{span}: {describe(fd)} is on {blocking}: a page fault there waits for "
+                "another machine or process, and the emulator's only thread with it",
+            )
+        try:
+            info = os.fstat(fd)
+        except OSError as exc:
+            self._refuse(RefusalReason.FD, f"{span}: fd {fd} is unusable: {exc.strerror}")
+        if writable and magic == HUGETLBFS_MAGIC and end > info.st_size:
+            self._refuse(
+                RefusalReason.FD_SIZE,
+                f"{span}: a writable mapping past the end of a hugetlbfs file would grow "
+                f"the back-end's {info.st_size:#x}-byte file",
+            )
+        return magic, info
 
     def _restore(self, address: int, length: int) -> None:
         """Put the reservation back after a failed or refused ``MAP_FIXED``."""
