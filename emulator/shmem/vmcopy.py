@@ -9,15 +9,16 @@ provide (past EOF, a failed allocation) ends the copy with a short count or EFAU
 signal. A read goes on after such a page, which reads as zeros; a write to it is dropped. Nothing
 here can grow a file: a store through a mapping never extends it.
 
-Cost, measured with timeit on the 2-core benchmark VM (kernel 6.18): an 8-byte read is ~4.2 us,
-~3.1 us of it the system call itself (pinning the page, our own ptrace check); a
-``ctypes.string_at`` of the same page, which could raise SIGBUS, was 0.5 us. So a call builds
-nothing: both iovecs live in one preallocated buffer, filled by one ``struct.pack_into``, and the
-data passes through one scratch buffer (anonymous, ``MAP_NORESERVE``: untouched pages cost no
-memory), sliced through a memoryview (0.5 us less per read than ``string_at``).
+Cost, measured with timeit on the shared 2-core benchmark VM (kernel 6.18): the system call is
+~3 us (it pins the page and runs the ptrace check on ourselves), so an 8-byte guest read through
+``SharedMemoryBar.read`` went from 1.0-1.8 us (a direct load, which could raise SIGBUS) to
+4.6-6.1 us. A call therefore builds nothing: both iovecs live in one preallocated buffer, filled
+by one ``struct.pack_into``, and the data passes through one scratch buffer (anonymous,
+``MAP_NORESERVE``: untouched pages cost no memory) sliced through a memoryview (0.5 us less per
+read than ``ctypes.string_at``).
 
 Not every mapping can be copied this way: the kernel will not pin ``VM_IO``/``VM_PFNMAP`` pages
-(device memory, udmabuf's dma-bufs since Linux 6.11) or secret memory. ``readable`` probes one
+(device memory; udmabuf's dma-bufs in current kernels) or secret memory. ``readable`` probes one
 byte so that a mapping like that is refused, instead of reading as zeros forever.
 """
 
