@@ -83,8 +83,8 @@ def wait_negotiated(backend: VhostUserDaemon, timeout: float = 30.0) -> None:
 
 
 def memfd(size: int, name: str = "bench") -> int:
-    """A sealable memfd of ``size`` bytes (the emulator seals it against shrinking)."""
-    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    """A memfd of ``size`` bytes."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     os.ftruncate(fd, size)
     return fd
 

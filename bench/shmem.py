@@ -112,8 +112,9 @@ def run_scale(
     """Figure 2: live 4 KiB mappings in one region, grown through ``sizes``.
 
     The mappings are consecutive pages of one memfd at consecutive BAR offsets, so the kernel
-    merges their VMAs (vm.max_map_count is 65,530 here) and the emulator closes each received
-    fd once sealed; the BAR-wide cap is raised to fit (the emulator's --max-mappings). At each
+    merges their VMAs (vm.max_map_count is 65,530 here) and the emulator keeps no received fd
+    (the mapping holds the file); the BAR-wide cap is raised to fit (the emulator's
+    --max-mappings). At each
     size the per-op cost is measured at steady state: unmap a random live mapping, map it back.
     """
     top = max(sizes)

@@ -170,7 +170,7 @@ def run_shmem_boot(report: Report, counts: VmCounts) -> None:
                 )
         fds = []
         for backend in (native, ours):
-            fd = os.memfd_create("bar4", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+            fd = os.memfd_create("bar4", os.MFD_CLOEXEC)
             os.ftruncate(fd, BAR_MAPPING)
             backend.shmem_map(0, fd, 0, 0, BAR_MAPPING, writable=True)
             fds.append(fd)

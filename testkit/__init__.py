@@ -12,6 +12,7 @@ Used by tests/, bench/ and vm/ alike, so each of these is written once:
   front-end for tests of back-ends.
 - ``testkit.virtio_driver``: a Linux-like virtio-pci driver over the vfio-user client.
 - ``testkit.procfs``: fd, eventfd, mapping, memory and CPU counts from ``/proc``.
+- ``testkit.fuse``: a one-file FUSE filesystem served from a thread (a real FUSE fd).
 
 The reference device's control client is the device's own: ``ControlClient`` in
 ``vhost_user_backend.devices.shmem_reference`` (re-exported here); the plain one, for

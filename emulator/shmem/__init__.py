@@ -1,5 +1,7 @@
-"""VIRTIO Shared Memory Regions in BAR 4: layout, mapping table, real mmaps of back-end fds."""
+"""VIRTIO Shared Memory Regions in BAR 4: layout, mapping table, real mmaps of back-end fds,
+the kinds of fd a back-end may send, and the copies that reach them without SIGBUS."""
 
+from emulator.shmem.fdkind import FdKind
 from emulator.shmem.layout import PAGE_SIZE, RegionLayout, ShmemLayout
 from emulator.shmem.region import (
     MappingInfo,
@@ -14,6 +16,7 @@ from emulator.shmem.table import MappingTable, NotMappedError, OverlapError, Tab
 
 __all__ = [
     "PAGE_SIZE",
+    "FdKind",
     "MappingInfo",
     "MappingRefused",
     "MappingTable",

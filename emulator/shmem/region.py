@@ -6,12 +6,14 @@ back-end's fd over part of that reservation with ``MAP_FIXED`` and ``SHMEM_UNMAP
 ``MAP_FIXED`` never touches memory that is not ours. Python's ``mmap`` module cannot map at a fixed
 address, hence the two libc calls through ctypes.
 
-Guest accesses (trapped BAR, so they arrive as vfio-user REGION_READ/WRITE) are a ``bisect`` plus
-one copy per mapping touched. A back-end could shrink its file under a mapping, and touching a page
-past EOF raises SIGBUS, which Python cannot survive. So at map time we add ``F_SEAL_SHRINK``
-(memfds created with ``MFD_ALLOW_SEALING``); sealed mappings are read and written through the
-mapping. Mappings we cannot seal are accessed with ``pread``/``pwrite`` on the fd, clipped to its
-current size: the same page-cache pages, bytes past EOF are a hole, and no window for SIGBUS.
+The fd is the back-end's and stays as it is: no seals (back-ends reuse and shrink their memfds),
+no size check (a DAX window maps 2 MiB of a small file), no fd kept (the mapping holds the file).
+Any fd ``mmap`` accepts is taken (``fdkind``), except on filesystems whose page faults could
+stall the emulator's one thread. So a mapping may reach past its file's end, now or after the
+back-end shrinks the file, and a load there raises SIGBUS. Guest accesses (trapped BAR, so they
+arrive as vfio-user REGION_READ/WRITE) are therefore a ``bisect`` plus one copy per mapping
+touched, made by the kernel with ``process_vm_readv``/``writev`` (``vmcopy``): a page past EOF
+reads as zeros and drops writes, and nothing in the emulator touches a mapped page itself.
 
 Single-threaded by design (the emulator has one selector loop): between a failed ``MAP_FIXED``
 and the restored reservation no other thread may map memory.
@@ -21,13 +23,10 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ctypes
 import errno as _errno
-import fcntl
 import logging
 import mmap
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -48,8 +47,18 @@ from emulator.mman import (
     map_memory,
     unmap_memory,
 )
+from emulator.shmem.fdkind import (
+    BLOCKING_FILESYSTEMS,
+    HUGETLBFS_MAGIC,
+    FdKind,
+    classify,
+    describe,
+    fd_size,
+    filesystem_magic,
+)
 from emulator.shmem.layout import PAGE_SIZE, RegionLayout, ShmemLayout
 from emulator.shmem.table import MappingTable
+from emulator.shmem.vmcopy import SafeCopier
 from wire.errors import RemoteProtocolError, StateError
 
 logger = logging.getLogger(__name__)
@@ -61,9 +70,6 @@ DEFAULT_MAX_MAPPINGS_PER_REGION = 65_536
 DEFAULT_MAX_MAPPINGS = 262_144
 DEFAULT_MAX_ACCESS = 1 << 20
 _VMA_HEADROOM = 8_192
-
-_string_at = ctypes.string_at
-_memmove = ctypes.memmove
 
 
 def _reserve_fixed(address: int, length: int) -> None:
@@ -113,7 +119,9 @@ class RefusalReason(StrEnum):
     OVERLAP = "overlap"
     FD = "fd"
     FD_SIZE = "fd-size"
+    BLOCKING_FS = "blocking-fs"
     MMAP = "mmap"
+    UNCOPYABLE = "uncopyable"
     LIMIT = "limit"
     NOT_MAPPED = "not-mapped"
     SHMID = "shmid"
@@ -127,7 +135,9 @@ _REASON_ERRNO = {
     RefusalReason.OVERLAP: _errno.EEXIST,
     RefusalReason.FD: _errno.EBADF,
     RefusalReason.FD_SIZE: _errno.EINVAL,
+    RefusalReason.BLOCKING_FS: _errno.EOPNOTSUPP,
     RefusalReason.MMAP: _errno.ENOMEM,
+    RefusalReason.UNCOPYABLE: _errno.EOPNOTSUPP,
     RefusalReason.LIMIT: _errno.ENOSPC,
     RefusalReason.NOT_MAPPED: _errno.ENOENT,
     RefusalReason.SHMID: _errno.EINVAL,
@@ -149,111 +159,79 @@ class ShmemError(EmulatorError):
 
 @dataclass(frozen=True, slots=True)
 class MappingInfo:
-    """A snapshot of one live mapping, offsets relative to its region."""
+    """A snapshot of one live mapping, offsets relative to its region.
+
+    ``fd_size`` is what the kernel said the fd's size was at map time (None: it says none, as
+    for ``/dev/zero``); the mapping may reach past it.
+    """
 
     shm_offset: int
     length: int
     fd_offset: int
     writable: bool
-    sealed: bool
+    kind: FdKind
+    fd_size: int | None
 
 
 class _Live:
-    """One live mapping; ``fd`` is -1 once sealed (the mapping itself keeps the file alive)."""
+    """One live mapping at ``addr`` in our address space; the mapping itself holds the file."""
 
     __slots__ = (
         "addr",
         "end",
-        "fd",
         "fd_offset",
+        "fd_size",
+        "kind",
         "length",
-        "sealed",
         "start",
         "warned",
         "writable",
     )
 
     def __init__(
-        self, start: int, length: int, addr: int, *, fd: int, fd_offset: int, writable: bool
+        self,
+        start: int,
+        length: int,
+        addr: int,
+        *,
+        fd_offset: int,
+        writable: bool,
+        kind: FdKind,
+        fd_size: int | None,
     ) -> None:
         self.start = start
         self.length = length
         self.end = start + length
         self.addr = addr
-        self.fd = fd
         self.fd_offset = fd_offset
         self.writable = writable
-        self.sealed = fd == -1
+        self.kind = kind
+        self.fd_size = fd_size
         self.warned = False
 
-    def read(self, rel: int, size: int) -> bytes:
-        """``size`` bytes at ``rel`` into the mapping; shorter if the unsealed file ends first."""
-        if self.sealed:
-            return _string_at(self.addr + rel, size)
-        try:
-            return os.pread(self.fd, size, self.fd_offset + rel)
-        except OSError as exc:
-            self._warn_once("read of fd %d failed: %s", self.fd, exc)
-            return b""
-
-    def write(self, rel: int, data: bytes) -> None:
-        """Store ``data`` at ``rel``; bytes past an unsealed file's current end are dropped."""
-        if not self.writable:
-            self._warn_once("guest write ignored: mapping is read-only")
-            return
-        if self.sealed:
-            _memmove(self.addr + rel, data, len(data))
-            return
-        position = self.fd_offset + rel
-        try:
-            room = os.fstat(self.fd).st_size - position
-            if room > 0:
-                os.pwrite(self.fd, data[:room], position)
-        except OSError as exc:
-            self._warn_once("write to fd %d failed: %s", self.fd, exc)
-
-    def _warn_once(self, message: str, *args: object) -> None:
+    def warn_once(self, message: str) -> None:
         """At most one warning per mapping, so a guest or back-end cannot flood the log."""
         if not self.warned:
             self.warned = True
             logger.warning(
-                "shared memory [%#x, +%#x): " + message + " (further ones not logged)",
+                "shared memory [%#x, +%#x): %s (further ones not logged)",
                 self.start,
                 self.length,
-                *args,
+                message,
             )
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _seal_shrink(fd: int) -> bool:
-    """Make the file unshrinkable (memfds with MFD_ALLOW_SEALING); False if it cannot be."""
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-        if seals & fcntl.F_SEAL_SHRINK:
-            return True
-        if seals & fcntl.F_SEAL_SEAL:
-            return False
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-    except OSError:
-        return False
-    return True
 
 
 class _Reservation:
-    """State the BAR and its regions share: the address range, the BAR-wide cap, owned fds."""
+    """State the BAR and its regions share: the address range, the BAR-wide cap, the copier."""
 
-    __slots__ = ("address", "closed", "damaged", "fds", "limit", "live", "size")
+    __slots__ = ("address", "closed", "copier", "damaged", "limit", "live", "size")
 
-    def __init__(self, address: int, size: int, limit: int) -> None:
+    def __init__(self, address: int, size: int, limit: int, copier: SafeCopier) -> None:
         self.address = address
         self.size = size
         self.limit = limit
+        self.copier = copier
         self.live = 0
-        self.fds: set[int] = set()
         self.closed = False
         self.damaged = False
 
@@ -273,6 +251,8 @@ class SharedMemoryRegion:
         self.max_mappings = max_mappings
         self._res = reservation
         self._table: MappingTable[_Live] = MappingTable()
+        self._copy_out = reservation.copier.read
+        self._copy_in = reservation.copier.write
 
     def __len__(self) -> int:
         return len(self._table)
@@ -286,7 +266,7 @@ class SharedMemoryRegion:
     def mappings(self) -> tuple[MappingInfo, ...]:
         """Every live mapping, in offset order."""
         return tuple(
-            MappingInfo(start, length, live.fd_offset, live.writable, live.sealed)
+            MappingInfo(start, length, live.fd_offset, live.writable, live.kind, live.fd_size)
             for start, length, live in self._table
         )
 
@@ -297,8 +277,9 @@ class SharedMemoryRegion:
     def map(self, fd: int, fd_offset: int, shm_offset: int, length: int, writable: bool) -> None:
         """Map ``length`` bytes of ``fd`` at ``fd_offset`` to ``shm_offset`` in this region.
 
-        ``fd`` is lent and never closed here. A mapping that must keep reaching the file after
-        this call (one accessed with pread/pwrite, see the module docstring) keeps a ``dup``.
+        ``fd`` is lent: never closed, never changed, and not needed once mapped (the mapping
+        holds the file). The checks that need no system call come first, then the fd's own
+        (``_inspect``), then ``mmap``; a mapping the kernel cannot copy through is undone.
         On ``MappingRefused`` nothing changed.
         """
         res = self._res
@@ -319,59 +300,77 @@ class SharedMemoryRegion:
             self._refuse(RefusalReason.LIMIT, f"{span}: BAR holds {res.limit} mappings")
         if self._table.overlaps(shm_offset, length):
             self._refuse(RefusalReason.OVERLAP, f"{span}: overlaps a live mapping")
-        try:
-            info = os.fstat(fd)
-        except (OSError, OverflowError) as exc:
-            self._refuse(RefusalReason.FD, f"{span}: fd {fd} is unusable: {exc}")
-        if not stat.S_ISREG(info.st_mode):
-            self._refuse(RefusalReason.FD, f"{span}: fd {fd} is not a regular file or memfd")
-        if fd_offset + length > info.st_size:
-            self._refuse(RefusalReason.FD_SIZE, f"{span}: file has only {info.st_size:#x} bytes")
+        magic, info = self._inspect(fd, span, fd_offset + length, writable)
         address = self.host_address + shm_offset
         prot = PROT_READ | PROT_WRITE if writable else PROT_READ
         try:
             map_memory(address, length, prot, MAP_SHARED | MAP_FIXED, fd=fd, offset=fd_offset)
         except OSError as exc:
             self._restore(address, length)
-            self._refuse(RefusalReason.MMAP, f"{span}: mmap: {exc.strerror}", exc.errno)
-        sealed = _seal_shrink(fd)
-        if sealed:
-            try:
-                size = os.fstat(fd).st_size
-            except OSError:
-                size = -1
-            if fd_offset + length > size:
-                self._restore(address, length)
-                self._refuse(RefusalReason.FD_SIZE, f"{span}: file shrank while being mapped")
-        kept_fd = -1
-        if not sealed:
-            try:
-                kept_fd = os.dup(fd)
-            except OSError as exc:
-                self._restore(address, length)
-                self._refuse(RefusalReason.FD, f"{span}: cannot keep the fd: {exc}", exc.errno)
+            self._refuse(
+                RefusalReason.MMAP,
+                f"{span}: {describe(fd)} cannot be mapped {'rw' if writable else 'ro'}: "
+                f"mmap: {exc.strerror}",
+                exc.errno,
+            )
+        kind = classify(fd, info.st_mode, magic)
+        if not kind.page_cache and not res.copier.readable(address):
+            self._restore(address, length)
+            self._refuse(
+                RefusalReason.UNCOPYABLE,
+                f"{span}: the kernel cannot copy the first page of this mapping of "
+                f"{describe(fd)} (device or secret memory, or past the device's end): "
+                "guest accesses could not reach it",
+            )
+        size = fd_size(fd, info.st_mode, info.st_size, magic)
         live = _Live(
             shm_offset,
             length,
             address,
-            fd=kept_fd,
             fd_offset=fd_offset,
             writable=bool(writable),
+            kind=kind,
+            fd_size=size,
         )
         self._table.insert(shm_offset, length, live)
         res.live += 1
-        if not sealed:
-            res.fds.add(kept_fd)
         logger.debug(
-            "shmid %d: mapped %s %s%s",
+            "shmid %d: mapped %s %s, %s of %s",
             self.shmid,
             span,
             "rw" if writable else "ro",
-            "" if sealed else " (unsealed: pread/pwrite)",
+            kind,
+            "unknown size" if size is None else f"{size:#x} bytes",
         )
 
+    def _inspect(self, fd: int, span: str, end: int, writable: bool) -> tuple[int, os.stat_result]:
+        """The fd's filesystem magic and ``fstat``, or a refusal. The filesystem is checked
+        first: on a refused one nothing but ``fstatfs`` reaches it (see ``fdkind``)."""
+        try:
+            magic = filesystem_magic(fd)
+        except OSError as exc:
+            self._refuse(RefusalReason.FD, f"{span}: fd {fd} is unusable: {exc.strerror}")
+        blocking = BLOCKING_FILESYSTEMS.get(magic)
+        if blocking is not None:
+            self._refuse(
+                RefusalReason.BLOCKING_FS,
+                f"{span}: {describe(fd)} is on {blocking}: a page fault there waits for "
+                "another machine or process, and the emulator's only thread with it",
+            )
+        try:
+            info = os.fstat(fd)
+        except OSError as exc:
+            self._refuse(RefusalReason.FD, f"{span}: fd {fd} is unusable: {exc.strerror}")
+        if writable and magic == HUGETLBFS_MAGIC and end > info.st_size:
+            self._refuse(
+                RefusalReason.FD_SIZE,
+                f"{span}: a writable mapping past the end of a hugetlbfs file would grow "
+                f"the back-end's {info.st_size:#x}-byte file",
+            )
+        return magic, info
+
     def _restore(self, address: int, length: int) -> None:
-        """Put the reservation back after a failed MAP_FIXED (older kernels leave a hole)."""
+        """Put the reservation back after a failed or refused ``MAP_FIXED``."""
         try:
             _reserve_fixed(address, length)
         except OSError as exc:
@@ -386,7 +385,7 @@ class SharedMemoryRegion:
             )
 
     def unmap(self, shm_offset: int, length: int) -> None:
-        """Remove the mapping that is exactly ``[shm_offset, +length)`` and close its fd.
+        """Remove the mapping that is exactly ``[shm_offset, +length)``.
 
         Refused (nothing changes) for a hole, part of a mapping, or a range over several.
         """
@@ -402,14 +401,9 @@ class SharedMemoryRegion:
             _reserve_fixed(live.addr, length)
         except OSError as exc:
             self._refuse(RefusalReason.MMAP, f"unmap: mmap: {exc.strerror}", exc.errno)
-        self._drop(live)
-        logger.debug("shmid %d: unmapped [%#x, +%#x)", self.shmid, shm_offset, length)
-
-    def _drop(self, live: _Live) -> None:
         self._table.remove(live.start, live.length)
         self._res.live -= 1
-        self._res.fds.discard(live.fd)
-        live.close()
+        logger.debug("shmid %d: unmapped [%#x, +%#x)", self.shmid, shm_offset, length)
 
     def reset(self) -> None:
         """Drop every mapping (device reset): one PROT_NONE remap over the whole region."""
@@ -427,17 +421,10 @@ class SharedMemoryRegion:
                     f"shmid {self.shmid}: {len(self._table)} mappings could not be removed"
                 ) from exc
             return
-        for _, _, live in self._table:
-            self._res.fds.discard(live.fd)
-            live.close()
-        self._res.live -= len(self._table)
-        self._table.clear()
+        self._forget()
 
     def _forget(self) -> None:
-        """Close fds and empty the table after the whole reservation has been unmapped."""
-        for _, _, live in self._table:
-            self._res.fds.discard(live.fd)
-            live.close()
+        """Empty the table once the mappings themselves are gone."""
         self._res.live -= len(self._table)
         self._table.clear()
 
@@ -445,15 +432,12 @@ class SharedMemoryRegion:
         """Guest read inside the region (caller checked bounds); holes read as zero."""
         live = self._table.lookup(offset)
         if live is not None and offset + size <= live.end:
-            if live.sealed:
-                return _string_at(live.addr + offset - live.start, size)
-            data = live.read(offset - live.start, size)
-            return data if len(data) == size else data + bytes(size - len(data))
+            return self._copy_out(live.addr + offset - live.start, size)
         buf = bytearray(size)
         for start, length, part in self._table.intersecting(offset, size):
             low = max(offset, start)
-            data = part.read(low - start, min(offset + size, start + length) - low)
-            buf[low - offset : low - offset + len(data)] = data
+            high = min(offset + size, start + length)
+            buf[low - offset : high - offset] = self._copy_out(part.addr + low - start, high - low)
         return bytes(buf)
 
     def write(self, offset: int, data: bytes) -> None:
@@ -461,15 +445,18 @@ class SharedMemoryRegion:
         size = len(data)
         live = self._table.lookup(offset)
         if live is not None and offset + size <= live.end:
-            if live.sealed and live.writable:
-                _memmove(live.addr + offset - live.start, data, size)
-            else:
-                live.write(offset - live.start, data)
+            self._store(live, offset - live.start, data)
             return
         for start, length, part in self._table.intersecting(offset, size):
             low = max(offset, start)
             high = min(offset + size, start + length)
-            part.write(low - start, data[low - offset : high - offset])
+            self._store(part, low - start, data[low - offset : high - offset])
+
+    def _store(self, live: _Live, rel: int, data: bytes) -> None:
+        if not live.writable:
+            live.warn_once("guest write ignored: mapping is read-only")
+        elif self._copy_in(live.addr + rel, data):
+            live.warn_once("guest write past the end of the back-end's file dropped")
 
 
 class SharedMemoryBar:
@@ -491,8 +478,13 @@ class SharedMemoryBar:
             raise ShmemError(f"host page size {mmap.PAGESIZE} is not {PAGE_SIZE}")
         limit = default_max_mappings() if max_mappings is None else max_mappings
         try:
+            copier = SafeCopier(max_access)
+        except OSError as exc:
+            raise ShmemError(f"guest accesses to the shared-memory BAR need {exc}") from exc
+        try:
             address = _reserve(layout.bar_size)
         except OSError as exc:
+            copier.close()
             raise ShmemError(
                 f"cannot reserve {layout.bar_size:#x} bytes of address space for the "
                 f"shared-memory BAR: {exc.strerror}"
@@ -501,7 +493,7 @@ class SharedMemoryBar:
         self.bar_size = layout.bar_size
         self.host_address = address
         self.max_access = max_access
-        self._res = _Reservation(address, layout.bar_size, limit)
+        self._res = _Reservation(address, layout.bar_size, limit, copier)
         self.regions = tuple(
             SharedMemoryRegion(region, self._res, max_mappings_per_region)
             for region in layout.regions
@@ -630,3 +622,4 @@ class SharedMemoryBar:
                 logger.error("shared-memory BAR at %#x not released: %s", res.address, exc)
         for region in self.regions:
             region._forget()
+        res.copier.close()

@@ -224,8 +224,8 @@ class ChannelEngine:
     def _op_map(self, draw: Draw) -> None:
         shmid = draw.choice((0, 0, 1, 1, 2, 255))
         region = self.model.sizes.get(shmid, 16 * PAGE)
-        kind = draw.choice(FD_KINDS[:6] * 3 + FD_KINDS)
-        file_size = draw.choice((0, PAGE, 2 * PAGE, 4 * PAGE, 17 * PAGE, 3 * PAGE + 5))
+        kind = draw.choice(MAPPABLE_KINDS * 3 + FD_KINDS)
+        file_size = draw.choice((0, 5, PAGE, 2 * PAGE, 4 * PAGE, 17 * PAGE, 3 * PAGE + 5))
         if draw.chance(70):
             length = draw.int(1, 4) * PAGE
             shm_offset = draw.int(0, region // PAGE) * PAGE
@@ -240,11 +240,13 @@ class ChannelEngine:
         backing = make_backing(kind, file_size, self.nonce, self.workdir)
         second = make_backing("memfd-sealable", PAGE, 0) if nfds == 2 else None
         try:
-            if kind == "memfd-sealable" and draw.chance(10) and backing.truncate(PAGE):
-                file_size = PAGE  # shrunk before the map: the size check must see it
-            verdict = self._predict_map(
-                shmid, kind, file_size, fd_offset, shm_offset, length, flags, nfds
-            )
+            if kind == "memfd-sealable" and draw.chance(10):
+                backing.truncate(PAGE)  # shrunk before the map: the view must show it
+            if kind == "dev-zero":
+                # A shared mapping of /dev/zero is a new shmem object as long as the mapping,
+                # read at the file offset: what lies at offsets past its length faults.
+                backing.content = bytearray(min(max(length, 0), region))  # more is refused
+            verdict = self._predict_map(shmid, kind, fd_offset, shm_offset, length, flags, nfds)
             fds = [backing.fd] + ([second.fd] if second else []) if nfds else []
             self._send(
                 mmap_request(
@@ -279,7 +281,6 @@ class ChannelEngine:
         self,
         shmid: int,
         kind: str,
-        file_size: int,
         fd_offset: int,
         shm_offset: int,
         length: int,
@@ -293,14 +294,13 @@ class ChannelEngine:
             return "refuse"
         if fd_offset + length > 1 << 63 or self.model.overlaps(shmid, shm_offset, length):
             return "refuse"
-        if kind not in MAPPABLE_KINDS or fd_offset + length > file_size:
-            return "refuse"
-        writable = bool(flags & 1)
-        if writable and kind == "regular-readonly":
-            return "refuse"
-        if kind == "memfd-write-sealed":
-            return "refuse" if writable else "either"
-        return "accept"
+        if kind not in MAPPABLE_KINDS:
+            return "refuse"  # mmap refuses pipes, sockets, eventfds, directories
+        if flags & 1 and kind in ("regular-readonly", "memfd-write-sealed"):
+            return "refuse"  # mmap: EACCES, EPERM
+        if kind == "dev-zero" and fd_offset >= length:
+            return "refuse"  # its first page faults: nothing a guest access could reach
+        return "accept"  # past EOF too: a hole there reads zero
 
     def _op_unmap_live(self, draw: Draw) -> None:
         live = [(shmid, m) for shmid, per in self.model.maps.items() for m in per.values()]
@@ -363,7 +363,7 @@ class ChannelEngine:
             assert statuses[0] != 0, f"request {request} answered with success"
 
     def _op_truncate(self, draw: Draw) -> None:
-        """The back-end shrinks a file under a live mapping (refused by the seal, or not)."""
+        """The back-end shrinks a file under a live mapping (unless it sealed the file itself)."""
         live = self.model.mappings()
         if live:
             mapping = draw.choice(live)
@@ -371,6 +371,16 @@ class ChannelEngine:
 
     def _op_guest_write(self, draw: Draw) -> None:
         offset = draw.int(0, self.model.bar_size - 1)
+        writable = [
+            (shmid, m) for shmid, per in self.model.maps.items() for m in per.values() if m.writable
+        ]
+        if writable and draw.chance(50):
+            # Around the file's end, where a hole starts (or EOF's page goes on past it).
+            shmid, mapping = draw.choice(writable)
+            assert mapping.backing.content is not None
+            eof = len(mapping.backing.content) - mapping.fd_offset + draw.int(-8, 8)
+            start = self.model.bar_offsets[shmid] + mapping.shm_offset
+            offset = start + min(max(eof, 0), mapping.length - 1)
         size = draw.choice((1, 2, 4, 8, 100, PAGE, 2 * PAGE))
         size = min(size, self.model.bar_size - offset)
         data = draw.raw(size)

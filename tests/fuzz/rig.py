@@ -15,7 +15,6 @@ import fcntl
 import os
 import select
 import socket
-import stat
 import struct
 import tempfile
 import threading
@@ -70,42 +69,58 @@ FD_KINDS = (
     "memfd-write-sealed",
     "regular",
     "regular-readonly",
+    "tmpfs",
+    "dev-zero",
     "pipe",
     "socket",
     "eventfd",
-    "dev-zero",
     "directory",
 )
-#: Kinds the emulator may map at all (regular files and memfds).
-MAPPABLE_KINDS = frozenset(FD_KINDS[:6])
+#: Kinds the emulator maps (whatever mmap accepts); the others mmap itself refuses.
+MAPPABLE_KINDS = FD_KINDS[:8]
 
 
 @dataclass
 class Backing:
     """A file a fuzzer offers to the emulator; ``content`` is its bytes (None: not a file).
 
-    ``keep`` is a second fd the test holds on to (to truncate or rewrite the file later)."""
+    ``keep`` is a second fd the test holds on to (to truncate or rewrite the file later).
+    ``tail`` holds what guest writes left past EOF in EOF's page: a mapping shows that page
+    whole, the file never gets those bytes, and writeback of a disk file may zero them again.
+    """
 
     kind: str
     fd: int
     content: bytearray | None
     keep: int | None = None
-    sealable: bool = False
     extra: list[int] = field(default_factory=list)
+    tail: dict[int, int] = field(default_factory=dict)
 
     def close(self) -> None:
         close_fds([fd for fd in (self.fd, self.keep, *self.extra) if fd is not None])
 
     def truncate(self, size: int) -> bool:
-        """Shrink the file through our own fd; False when a seal forbids it."""
-        if self.keep is None or self.content is None:
+        """Shrink the file through our own fd; False when a seal forbids it or it would grow."""
+        if self.keep is None or self.content is None or size >= len(self.content):
             return False
         try:
             os.ftruncate(self.keep, size)
         except PermissionError:
             return False
         del self.content[size:]
+        self.tail.clear()  # pages past the new EOF are gone, the rest of its page zeroed
         return True
+
+    def store(self, position: int, data: bytes) -> None:
+        """What a guest write through a writable mapping does at file ``position``."""
+        content = self.content
+        assert content is not None
+        end = position + len(data)
+        inside = data[: max(0, len(content) - position)]
+        content[position : position + len(inside)] = inside
+        eof_page_end = -(-len(content) // PAGE) * PAGE
+        for at in range(max(position, len(content)), min(end, eof_page_end)):
+            self.tail[at] = data[at - position]
 
 
 def pattern(length: int, seed: int) -> bytearray:
@@ -130,10 +145,10 @@ def make_backing(kind: str, size: int, seed: int, workdir: Path | None = None) -
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
         if kind == "memfd-write-sealed":
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
-        keep = os.dup(fd)
-        return Backing(kind, fd, data, keep, sealable=kind in ("memfd-sealable", "memfd-sealed"))
-    if kind in ("regular", "regular-readonly"):
-        with tempfile.NamedTemporaryFile(dir=workdir, delete=False) as handle:
+        return Backing(kind, fd, data, os.dup(fd))
+    if kind in ("regular", "regular-readonly", "tmpfs"):
+        directory = Path("/dev/shm") if kind == "tmpfs" else workdir
+        with tempfile.NamedTemporaryFile(dir=directory, delete=False) as handle:
             handle.write(data)
             name = handle.name
         try:
@@ -151,14 +166,10 @@ def make_backing(kind: str, size: int, seed: int, workdir: Path | None = None) -
     if kind == "eventfd":
         return Backing(kind, os.eventfd(0), None)
     if kind == "dev-zero":
-        return Backing(kind, os.open("/dev/zero", os.O_RDWR), None)
+        return Backing(kind, os.open("/dev/zero", os.O_RDWR), bytearray())  # sized when mapped
     if kind == "directory":
         return Backing(kind, os.open("/", os.O_RDONLY | os.O_DIRECTORY), None)
     raise ValueError(kind)
-
-
-def is_regular(fd: int) -> bool:
-    return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
 # -- the scripted vhost-user back-end ------------------------------------------------------------

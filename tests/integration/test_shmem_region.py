@@ -1,7 +1,9 @@
-"""The shared-memory BAR with real memfds, real mmaps and real fds.
+"""The shared-memory BAR with real fds of every kind, real mmaps and real files.
 
 Everything a guest sees goes through ``bar.read``/``bar.write``; what the back-end sees is checked
 on its own fd with ``os.pread``; what the host really mapped is checked in ``/proc/self/maps``.
+Tests where a page past EOF is touched run in a forked child, so a SIGBUS fails the test instead
+of killing pytest.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from emulator.shmem import (
+    FdKind,
+    MappingInfo,
     MappingRefused,
     RefusalReason,
     SharedMemoryBar,
@@ -26,7 +30,9 @@ from emulator.shmem import (
     ShmemLayout,
 )
 from emulator.shmem.region import default_max_mappings
+from testkit.fuse import FuseOpcode
 from testkit.procfs import fd_count
+from tests.helpers.fdkinds import FILE_KINDS, file_fd, fuse_file, secret_memfd
 from wire.errors import RemoteProtocolError, StateError
 
 PAGE = 4096
@@ -35,9 +41,9 @@ REGION0 = 2 * MIB
 REGION1 = MIB
 
 
-def memfd(pages: int, *, sealing: bool = True, name: str = "shm-test") -> int:
-    """A memfd of ``pages`` pages holding a position-dependent pattern (byte i = i*7 mod 251)."""
-    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING if sealing else 0)
+def memfd(pages: int, *, name: str = "shm-test") -> int:
+    """A sealable memfd of ``pages`` pages holding a pattern (byte i = i*7 mod 251)."""
+    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, pages * PAGE)
     os.pwrite(fd, pattern(0, pages * PAGE), 0)
     return fd
@@ -49,10 +55,9 @@ def map_memfd(
     pages: int,
     *request: int,
     writable: bool,
-    sealing: bool = True,
 ) -> None:
     """Map a fresh pattern memfd; the fd is only lent to ``map``, so it is closed right after."""
-    fd = memfd(pages, sealing=sealing)
+    fd = memfd(pages)
     try:
         bar.map(shmid, fd, *request, writable=writable)
     finally:
@@ -243,6 +248,19 @@ def _map_case(case: str) -> tuple[int, int, int, int, int, bool, Callable[[], No
         fd = memfd(1)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
         return 0, fd, 0, 4 * PAGE, PAGE, True, nothing
+    if case == "write-only":
+        source = memfd(1)
+        fd = os.open(f"/proc/self/fd/{source}", os.O_WRONLY)
+        return 0, fd, 0, 4 * PAGE, PAGE, False, lambda: os.close(source)
+    if case == "o-path":
+        return 0, os.open("/dev/shm", os.O_PATH), 0, 4 * PAGE, PAGE, False, nothing
+    if case == "closed":
+        fd = memfd(1)
+        os.close(fd)
+        return 0, fd, 0, 4 * PAGE, PAGE, False, nothing
+    if case == "secretmem":
+        fd = secret_memfd(PAGE)
+        return 0, fd, 0, 4 * PAGE, PAGE, True, nothing
     raise AssertionError(case)
 
 
@@ -258,14 +276,17 @@ REQUESTS: list[tuple[str, RefusalReason, tuple[int, int, int, int, bool] | str]]
     ("file offset overflow", RefusalReason.RANGE, (0, (1 << 64) - PAGE, 4 * PAGE, PAGE, False)),
     ("overlap start", RefusalReason.OVERLAP, (0, 0, PAGE, PAGE, False)),
     ("overlap straddle", RefusalReason.OVERLAP, (0, 0, 0, 4 * PAGE, False)),
-    ("past fd size", RefusalReason.FD_SIZE, (0, PAGE, 4 * PAGE, 8 * PAGE, False)),
     ("unknown shmid", RefusalReason.SHMID, (9, 0, 0, PAGE, False)),
-    ("pipe", RefusalReason.FD, "pipe"),
-    ("socket", RefusalReason.FD, "socket"),
-    ("eventfd", RefusalReason.FD, "eventfd"),
-    ("directory", RefusalReason.FD, "directory"),
+    ("closed fd", RefusalReason.FD, "closed"),
+    ("pipe", RefusalReason.MMAP, "pipe"),
+    ("socket", RefusalReason.MMAP, "socket"),
+    ("eventfd", RefusalReason.MMAP, "eventfd"),
+    ("directory", RefusalReason.MMAP, "directory"),
+    ("O_PATH fd", RefusalReason.MMAP, "o-path"),
+    ("write-only fd", RefusalReason.MMAP, "write-only"),
     ("read-only fd mapped writable", RefusalReason.MMAP, "readonly-fd-writable"),
     ("write-sealed memfd mapped writable", RefusalReason.MMAP, "write-sealed-writable"),
+    ("memfd_secret", RefusalReason.UNCOPYABLE, "secretmem"),
 ]
 
 
@@ -291,11 +312,12 @@ def test_every_refusal_leaves_everything_unchanged(
             bar.map(shmid, fd, fd_offset, shm_offset, length, writable=writable)
         assert refused.value.reason == reason
         assert refused.value.errno > 0
-        assert is_open(fd), "on refusal the caller keeps the fd"
+        assert is_open(fd) or name == "closed fd", "on refusal the caller keeps the fd"
         assert _snapshot(bar) == before
         assert "---p" in vma_at(region(bar, 0).host_address + 4 * PAGE), "reservation intact"
     finally:
-        os.close(fd)
+        if is_open(fd):
+            os.close(fd)
         cleanup()
     assert fd_count() <= fds_before
 
@@ -358,40 +380,20 @@ def test_default_bar_cap_leaves_room_in_the_vma_limit() -> None:
     assert 2 * cap < limit
 
 
-def test_unsealed_mapping_keeps_a_dup_of_the_lent_fd_until_unmap(
-    bar: SharedMemoryBar,
-) -> None:
-    fd = memfd(2, sealing=False)
+def test_mapping_keeps_no_fd_and_outlives_the_lent_one(bar: SharedMemoryBar) -> None:
+    fd = memfd(2)
     fds_before = fd_count()
     bar.map(0, fd, 0, 0, PAGE, writable=True)
     bar.map(0, fd, PAGE, PAGE, PAGE, writable=True)
-    assert region(bar, 0).mappings()[0].sealed is False
-    assert fd_count() == fds_before + 2, "each mapping keeps its own dup"
+    assert fd_count() == fds_before, "the mapping holds the file, no fd is kept"
+    assert is_open(fd), "the fd is lent, never closed by map"
     os.close(fd)
-    bar.write(8, b"unsealed")
-    assert bar.read(8, 8) == b"unsealed"
+    bar.write(8, b"no fd kept")
+    assert bar.read(8, 10) == b"no fd kept"
+    assert bar.read(PAGE, 8) == pattern(PAGE, 8)
     bar.unmap(0, 0, PAGE)
     bar.unmap(0, PAGE, PAGE)
     assert fd_count() == fds_before - 1
-
-
-def test_sealable_memfd_is_sealed_against_shrinking_and_no_fd_kept(
-    bar: SharedMemoryBar,
-) -> None:
-    fd = memfd(2)
-    probe = os.dup(fd)
-    try:
-        fds_before = fd_count()
-        bar.map(0, fd, 0, 0, 2 * PAGE, writable=True)
-        assert region(bar, 0).mappings()[0].sealed is True
-        assert is_open(fd), "the fd is lent, never closed by map"
-        assert fd_count() == fds_before, "a sealed mapping keeps no fd"
-        os.close(fd)
-        with pytest.raises(PermissionError):
-            os.ftruncate(probe, PAGE)
-        assert bar.read(2 * PAGE - 8, 8) == pattern(2 * PAGE - 8, 8)
-    finally:
-        os.close(probe)
 
 
 def _in_child(check: Callable[[], None]) -> None:
@@ -415,13 +417,35 @@ def _in_child(check: Callable[[], None]) -> None:
     assert os.WEXITSTATUS(status) == 0, report
 
 
+def _shrink_and_regrow() -> None:
+    with SharedMemoryBar(ShmemLayout.from_sizes({0: 16 * PAGE})) as bar:
+        fd = memfd(4)
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        bar.map(0, fd, 0, 0, 4 * PAGE, writable=True)
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == seals, "map added a seal"
+        os.ftruncate(fd, PAGE)  # EPERM if anyone had sealed it against shrinking
+        assert bar.read(0, 4 * PAGE) == pattern(0, PAGE) + bytes(3 * PAGE)
+        bar.write(2 * PAGE, b"dropped")
+        assert os.fstat(fd).st_size == PAGE, "a guest write grew the file"
+        os.ftruncate(fd, 4 * PAGE)
+        assert bar.read(2 * PAGE, 8) == bytes(8), "the write past EOF landed after all"
+        os.pwrite(fd, b"regrown", 3 * PAGE)
+        assert bar.read(3 * PAGE, 7) == b"regrown"
+        bar.write(3 * PAGE + 8, b"guest")
+        assert os.pread(fd, 5, 3 * PAGE + 8) == b"guest"
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == seals
+        os.close(fd)
+
+
+def test_backend_memfd_gets_no_seal_and_can_shrink_and_regrow_under_the_mapping() -> None:
+    _in_child(_shrink_and_regrow)
+
+
 def _truncate_after_mapping(make_fd: Callable[[], int]) -> None:
     with SharedMemoryBar(ShmemLayout.from_sizes({0: 16 * PAGE})) as bar:
         fd = make_fd()
         probe = os.dup(fd)
         bar.map(0, fd, 0, 4 * PAGE, 4 * PAGE, writable=True)
-        assert bar.region(0) is not None
-        assert bar.region(0).mappings()[0].sealed is False  # type: ignore[union-attr]
         os.ftruncate(probe, PAGE + 100)
         assert bar.read(4 * PAGE, 4 * PAGE) == pattern(0, PAGE + 100) + bytes(3 * PAGE - 100)
         assert bar.read(6 * PAGE, 8) == bytes(8)
@@ -435,35 +459,121 @@ def _truncate_after_mapping(make_fd: Callable[[], int]) -> None:
         os.close(probe)
 
 
-def test_truncated_unsealed_memfd_reads_zero_past_eof_without_sigbus() -> None:
-    _in_child(lambda: _truncate_after_mapping(lambda: memfd(4, sealing=False)))
+def test_truncated_memfd_reads_zero_past_eof_without_sigbus() -> None:
+    _in_child(lambda: _truncate_after_mapping(lambda: memfd(4)))
 
 
 def test_truncated_regular_file_reads_zero_past_eof_without_sigbus(tmp_path: Path) -> None:
-    def make() -> int:
-        fd = os.open(tmp_path / "backing", os.O_RDWR | os.O_CREAT, 0o600)
-        os.pwrite(fd, pattern(0, 4 * PAGE), 0)
-        return fd
-
-    _in_child(lambda: _truncate_after_mapping(make))
+    _in_child(
+        lambda: _truncate_after_mapping(lambda: file_fd("regular", pattern(0, 4 * PAGE), tmp_path))
+    )
 
 
-def test_readonly_fd_of_sealable_memfd_falls_back_to_pread(bar: SharedMemoryBar) -> None:
+def test_readonly_fd_maps_readonly_and_sees_the_file_shrink(bar: SharedMemoryBar) -> None:
     source = memfd(1)
     fd = os.open(f"/proc/self/fd/{source}", os.O_RDONLY)
     try:
         bar.map(0, fd, 0, 0, PAGE, writable=False)
-        assert region(bar, 0).mappings()[0].sealed is False
         os.ftruncate(source, 16)
         assert bar.read(0, 32) == pattern(0, 16) + bytes(16)
     finally:
+        os.close(fd)
         os.close(source)
 
 
-@pytest.mark.parametrize("sealing", [True, False], ids=["sealed", "unsealed"])
-def test_ten_thousand_map_unmap_cycles_leak_no_fds_or_vmas(sealing: bool) -> None:
+@pytest.mark.parametrize("kind", FILE_KINDS)
+def test_each_file_kind_maps_with_its_kind_and_size(
+    bar: SharedMemoryBar, kind: str, tmp_path: Path
+) -> None:
+    fd = file_fd(kind, pattern(0, 3 * PAGE), tmp_path)
+    try:
+        bar.map(0, fd, PAGE, 0, 2 * PAGE, writable=True)
+        assert region(bar, 0).mappings() == (
+            MappingInfo(0, 2 * PAGE, PAGE, True, FdKind(kind), 3 * PAGE),
+        )
+        assert bar.read(0, 2 * PAGE) == pattern(PAGE, 2 * PAGE)
+        bar.write(100, b"guest")
+        assert os.pread(fd, 5, PAGE + 100) == b"guest"
+        os.pwrite(fd, b"back-end", 2 * PAGE + 8)
+        assert bar.read(PAGE + 8, 8) == b"back-end"
+    finally:
+        os.close(fd)
+
+
+class Warnings(logging.Handler):
+    """Collects log messages (a forked child has no caplog)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _past_eof(kind: str, tmp_path: Path) -> None:
+    """A DAX-like window: 2 MiB of a 1-byte file."""
+    warnings = Warnings()
+    logging.getLogger("emulator.shmem.region").addHandler(warnings)
+    with SharedMemoryBar(ShmemLayout.from_sizes({0: 2 * MIB})) as bar:
+        fd = file_fd(kind, b"\xa5", tmp_path)
+        bar.map(0, fd, 0, 0, 2 * MIB, writable=True)
+        assert region(bar, 0).mappings()[0].fd_size == 1
+        assert bar.read(0, MIB) + bar.read(MIB, MIB) == b"\xa5" + bytes(2 * MIB - 1)
+        bar.write(1, b"tail")  # past EOF but in EOF's page: the file never sees it
+        bar.write(5 * PAGE - 2, b"hole")  # across two pages past EOF's: dropped
+        bar.write(2 * MIB - 4, b"last")
+        assert bar.read(5 * PAGE - 2, 4) == bytes(4)
+        assert bar.read(2 * MIB - 4, 4) == bytes(4)
+        assert os.fstat(fd).st_size == 1
+        assert os.pread(fd, 16, 0) == b"\xa5"
+        assert bar.read(0, 1) == b"\xa5"
+        os.close(fd)
+    assert len([m for m in warnings.messages if "past the end" in m]) == 1, warnings.messages
+
+
+@pytest.mark.parametrize("kind", FILE_KINDS)
+def test_mapping_past_eof_reads_zero_and_never_grows_the_file(kind: str, tmp_path: Path) -> None:
+    _in_child(lambda: _past_eof(kind, tmp_path))
+
+
+def test_dev_zero_maps_as_a_char_device_of_unknown_size(bar: SharedMemoryBar) -> None:
+    fd = os.open("/dev/zero", os.O_RDWR)
+    try:
+        bar.map(0, fd, 0, 0, 4 * PAGE, writable=True)
+        assert region(bar, 0).mappings() == (
+            MappingInfo(0, 4 * PAGE, 0, True, FdKind.CHAR_DEVICE, None),
+        )
+        assert bar.read(0, 4 * PAGE) == bytes(4 * PAGE)
+        bar.write(PAGE + 3, b"kept")  # a shared mapping of /dev/zero is shared anonymous memory
+        assert bar.read(PAGE + 3, 4) == b"kept"
+        assert os.read(fd, 4) == bytes(4)
+    finally:
+        os.close(fd)
+
+
+def test_fuse_file_is_refused_and_only_statfs_reaches_the_daemon(
+    bar: SharedMemoryBar, tmp_path: Path
+) -> None:
+    with fuse_file(tmp_path / "fuse", pattern(0, PAGE)) as fuse:
+        fd = fuse.open()
+        try:
+            sent = len(fuse.requests)
+            with pytest.raises(MappingRefused) as refused:
+                bar.map(0, fd, 0, 0, PAGE, writable=False)
+            assert refused.value.reason == RefusalReason.BLOCKING_FS
+            assert refused.value.errno == errno.EOPNOTSUPP
+            assert "FUSE" in str(refused.value)
+            assert fuse.requests[sent:] == [FuseOpcode.FUSE_STATFS]
+            assert len(bar) == 0
+            assert "---p" in vma_at(region(bar, 0).host_address)
+        finally:
+            os.close(fd)
+
+
+def test_ten_thousand_map_unmap_cycles_leak_no_fds_or_vmas() -> None:
     with SharedMemoryBar(ShmemLayout.from_sizes({0: 64 * PAGE})) as bar:
-        source = memfd(4, sealing=sealing)
+        source = memfd(4)
         bar.map(0, source, 0, 0, PAGE, writable=False)
         fds, vmas = fd_count(), bar_vmas(bar)
         for cycle in range(10_000):
@@ -479,7 +589,7 @@ def test_reset_drops_everything_and_close_releases_the_address_space() -> None:
     bar = SharedMemoryBar(ShmemLayout.from_sizes({0: 64 * PAGE, 3: 64 * PAGE}))
     fds = fd_count()
     for page in range(4):
-        map_memfd(bar, 0, 1, 0, page * PAGE, PAGE, writable=True, sealing=False)
+        map_memfd(bar, 0, 1, 0, page * PAGE, PAGE, writable=True)
         map_memfd(bar, 3, 1, 0, page * PAGE, PAGE, writable=True)
     assert len(bar) == 8
     bar.reset()

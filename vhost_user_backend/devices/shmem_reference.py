@@ -189,7 +189,8 @@ class ShmemRngDevice(VhostUserDevice):
         try:
             os.ftruncate(memfd, length)
             os.pwrite(memfd, content, 0)
-            # The front-end maps this: it must never shrink under it (SIGBUS) or grow.
+            # Ours, so we seal it: a front-end that touches its mapping directly (QEMU) would
+            # get SIGBUS if it shrank under it.
             fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             backend.shmem_map(shmid, memfd, 0, shm_offset, length, writable=writable)
         except BaseException:
