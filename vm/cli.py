@@ -37,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 from collections.abc import Iterator, Sequence
@@ -65,6 +66,10 @@ ESCAPE = "0x1d"
 BOOT_TIMEOUT = 240.0
 POWEROFF_TIMEOUT = 60.0
 AGENT_RECONNECT_MS = 1000
+
+
+USAGE = f"""{PROG} [--vfio-user PATH]... [--vhost-user PATH[,OPTION=VALUE...]]...
+                     [--native PATH[,PROPERTY=VALUE...]]... [-t] [options] [-- COMMAND [ARG...]]"""
 
 
 class VmError(Exception):
@@ -135,8 +140,7 @@ def qemu_escape(value: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        usage=f"{PROG} [--vfio-user PATH] [--vhost-user PATH[,OPTION=VALUE...]] "
-        "[--native PATH[,PROPERTY=VALUE...]] [-t] [options] [-- COMMAND [ARG...]]",
+        usage=USAGE,
         description="Boot the cached Debian guest (QEMU 11.1, TCG) with the devices given, "
         "then run COMMAND in it (its stdout, stderr and exit status are this command's) or, "
         "with no COMMAND, give a shell on its serial console: `exit` leaves, or Ctrl-] x. "
@@ -268,6 +272,25 @@ def terminal_restored() -> Iterator[None]:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+TEARDOWN_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP for the block; they are delivered when it ends."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, TEARDOWN_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, TEARDOWN_SIGNALS)
+
+
+def child_setup() -> None:
+    """In QEMU's process before exec: signals as usual again, and death with us."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, TEARDOWN_SIGNALS)
+    set_pdeathsig()
+
+
 class QemuRun:
     """One QEMU process for the scenario: started, followed through the agent, stopped first.
 
@@ -286,7 +309,9 @@ class QemuRun:
         self.conn: socket.socket | None = None
         self.buffer = b""
         self.ready: dict[str, Any] = {}
-        with contextlib.ExitStack() as files:
+        # A Ctrl-C between fork and the teardown knowing the pid would leave QEMU to
+        # PR_SET_PDEATHSIG alone, after us; deferred, it arrives once stop() is registered.
+        with contextlib.ExitStack() as files, signals_deferred():
             stderr = files.enter_context(open(self.qemu_log, "wb"))
             stdout: IO[bytes] | None = None
             if not interactive:
@@ -297,11 +322,12 @@ class QemuRun:
                 stdout=stdout,
                 stderr=stderr,
                 start_new_session=not interactive,
-                preexec_fn=set_pdeathsig,  # noqa: PLW1509 -- only a prctl, no locks taken
+                preexec_fn=child_setup,  # noqa: PLW1509 -- a sigmask and a prctl, no locks
             )
-        self.pidfd = os.pidfd_open(self.proc.pid)
-        sc.group.callback(lambda: os.close(self.pidfd))
-        sc.group.first(self.stop)
+            self.pidfd = os.pidfd_open(self.proc.pid)
+            sc.group.callback(lambda: os.close(self.pidfd))
+            sc.group.first(self.stop)
+        log.info("QEMU started: pid %d, logs in %s", self.proc.pid, sc.workdir)
 
     def tail(self, lines: int = 30) -> str:
         parts = []
@@ -438,10 +464,10 @@ def toolchain_with_message(quiet: bool) -> Toolchain:
 
     def progress(line: str) -> None:
         nonlocal announced
-        if "up to date" in line:
+        if ": up to date (" in line or line.endswith(": present"):
             log.debug("%s", line)
             return
-        if not announced:
+        if line.endswith(" ...") and not announced:
             announced = True
             print(
                 f"{PROG}: building the VM toolchain in {default_cache_dir()} (as `make "
@@ -456,6 +482,8 @@ def toolchain_with_message(quiet: bool) -> Toolchain:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Boot, run, tear down. The logs stay (and are named) when something failed, or in
+    ``--logs DIR``; after a clean run or an interrupt a temporary workdir goes away."""
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -463,8 +491,31 @@ def run(args: argparse.Namespace) -> int:
     if interactive and not os.isatty(0):
         log.warning("stdin is not a terminal; the guest's console session reads it anyway")
     toolchain = toolchain_with_message(args.quiet)
+    workdir = args.logs or Path(tempfile.mkdtemp(prefix=f"{PROG}-"))
+    keep = True
+    try:
+        rc = boot(args, toolchain, workdir, command, interactive)
+        keep = False
+        return rc
+    except (KeyboardInterrupt, Interrupted):
+        keep = False
+        raise
+    finally:
+        if args.logs is None and not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif keep:
+            print(f"{PROG}: logs kept in {workdir}", file=sys.stderr)
+
+
+def boot(
+    args: argparse.Namespace,
+    toolchain: Toolchain,
+    workdir: Path,
+    command: list[str],
+    interactive: bool,
+) -> int:
     accel = select_accel(toolchain.cache, str(toolchain.read_manifest()["digest"]))
-    with Scenario.open("vm", toolchain, workdir=args.logs) as sc:
+    with Scenario.open("vm", toolchain, workdir=workdir) as sc:
         sc.group.new_session = True  # Ctrl-C is ours: we stop everything in order
         devices = device_args(sc, args)
         qemu_args = [
@@ -496,6 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"{PROG}: %(message)s",
     )
+    # Its "scenario failed; logs kept" is said here, once, and not after an interrupt.
+    logging.getLogger("vm.scenario").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
 
     def interrupted(signum: int, _frame: FrameType | None) -> None:
         raise Interrupted(signum)
