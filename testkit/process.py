@@ -75,6 +75,8 @@ class Process:
 
     ``socket_path`` is the socket it listens on (``path``); a clean stop must remove it.
     ``clean_exit`` lists the exit statuses that count as a clean stop after SIGTERM.
+    ``new_session`` starts it in a session of its own, out of reach of the terminal's Ctrl-C, so
+    a command line tool that owns it stops it in order instead.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class Process:
         socket_path: Path | None = None,
         with_stdout: bool = True,
         clean_exit: Collection[int] = (0,),
+        new_session: bool = False,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -110,6 +113,7 @@ class Process:
             env=env,
             pass_fds=tuple(pass_fds),
             preexec_fn=set_pdeathsig,  # noqa: PLW1509 -- only a prctl, no locks taken
+            start_new_session=new_session,
         )
         stream = self._proc.stdout if with_stdout else self._proc.stderr
         assert stream is not None
@@ -259,11 +263,15 @@ class ProcessGroup:
     Whatever was registered with ``first()`` closes first, in reverse order (a guest: QEMU has
     exited before the emulator and back-ends it talks to stop); then every process still running
     stops with SIGTERM in reverse start order; then the ``callback()`` clean-ups run.
+    ``new_session`` is the default of every ``start()`` (see ``Process``).
     """
 
-    def __init__(self, workdir: Path, stop_timeout: float = STOP_TIMEOUT) -> None:
+    def __init__(
+        self, workdir: Path, stop_timeout: float = STOP_TIMEOUT, new_session: bool = False
+    ) -> None:
         self.workdir = workdir
         self.stop_timeout = stop_timeout
+        self.new_session = new_session
         self.processes: list[Process] = []
         self._first: list[Callable[[], str | None]] = []
         self._last = contextlib.ExitStack()
@@ -284,6 +292,7 @@ class ProcessGroup:
         if any(p.name == name for p in self.processes):
             name = f"{name}#{len(self.processes)}"
         options.setdefault("cwd", self.workdir)
+        options.setdefault("new_session", self.new_session)
         if log_file:
             options["log_path"] = self.workdir / f"{name}.log"
         proc = Process(name, argv, **options)  # type: ignore[arg-type]

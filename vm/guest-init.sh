@@ -24,6 +24,9 @@ say "udev settled; starting agent"
 
 python3 /usr/local/lib/virtio-emu/agent.py
 say "agent exited with status $?; powering off"
+# sysrq poweroff is asynchronous; PID 1 must not exit before it lands (that would panic). The
+# sleep starts first: once the disk is shut down a new program cannot be loaded (I/O errors and
+# segfaults on the console), while waiting for one already running is a shell builtin.
+sleep infinity &
 echo o > /proc/sysrq-trigger
-# sysrq poweroff is asynchronous; PID 1 must not exit before it lands (that would panic).
-while :; do sleep 3600; done
+while :; do wait; done

@@ -98,6 +98,50 @@ class GuestConfig:
     env: tuple[tuple[str, str], ...] = field(default=())
 
 
+def guest_args(
+    toolchain: Toolchain,
+    accel: str,
+    *,
+    memory_mib: int = 1024,
+    cpus: int = 2,
+    kernel_args: str = "",
+    allow_reboot: bool = False,
+) -> list[str]:
+    """QEMU's arguments for the image's guest, up to its console and the agent's chardev.
+
+    The caller adds ``-serial ...`` and a chardev ``agent`` for the agent's virtio-serial port.
+    Memory is a shared memfd so vfio-user DMA_MAP and vhost-user SET_MEM_TABLE carry fds; the
+    disk is ``snapshot=on`` so a guest never writes the image.
+    """
+    size = f"{memory_mib}M"
+    append = " ".join(
+        part
+        for part in (
+            f"console=ttyS0 root=LABEL=guestroot rw init={toolchain.init_path}",
+            "panic=-1 quiet" if not allow_reboot else "quiet",
+            kernel_args,
+        )
+        if part
+    )
+    args = [
+        *machine_args(accel),
+        "-smp", str(cpus),
+        "-m", size,
+        "-object", f"memory-backend-memfd,id=mem,size={size},share=on",
+        "-machine", "memory-backend=mem",
+        "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-nic", "none",
+        "-kernel", str(toolchain.kernel),
+        "-initrd", str(toolchain.initrd),
+        "-append", append,
+        "-drive", f"file={toolchain.rootfs},if=virtio,format=raw,snapshot=on",
+        "-device", "virtio-serial-pci,id=agentbus",
+        "-device", f"virtserialport,bus=agentbus.0,chardev=agent,name={AGENT_PORT}",
+    ]  # fmt: skip
+    if not allow_reboot:
+        args.append("-no-reboot")
+    return args
+
+
 class Guest:
     """A running guest; create it with :meth:`boot` (a context manager that always cleans up)."""
 
@@ -158,35 +202,17 @@ class Guest:
 
     def qemu_command(self) -> list[str]:
         cfg = self.config
-        tc = self.toolchain
-        size = f"{cfg.memory_mib}M"
-        append = " ".join(
-            part
-            for part in (
-                f"console=ttyS0 root=LABEL=guestroot rw init={tc.init_path}",
-                "panic=-1 quiet" if not cfg.allow_reboot else "quiet",
-                cfg.kernel_args,
-            )
-            if part
+        args = guest_args(
+            self.toolchain,
+            self.accel,
+            memory_mib=cfg.memory_mib,
+            cpus=cfg.cpus,
+            kernel_args=cfg.kernel_args,
+            allow_reboot=cfg.allow_reboot,
         )
-        args = [
-            *machine_args(self.accel),
-            "-smp", str(cfg.cpus),
-            "-m", size,
-            "-object", f"memory-backend-memfd,id=mem,size={size},share=on",
-            "-machine", "memory-backend=mem",
-            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-nic", "none",
-            "-serial", f"file:{self.console_log}",
-            "-kernel", str(tc.kernel),
-            "-initrd", str(tc.initrd),
-            "-append", append,
-            "-drive", f"file={tc.rootfs},if=virtio,format=raw,snapshot=on",
-            "-device", "virtio-serial-pci,id=agentbus",
-            "-device", f"virtserialport,bus=agentbus.0,chardev=agent,name={AGENT_PORT}",
-        ]  # fmt: skip
-        if not cfg.allow_reboot:
-            args.append("-no-reboot")
-        return self.binaries.qemu_argv(*args, *cfg.extra_args)
+        return self.binaries.qemu_argv(
+            *args, "-serial", f"file:{self.console_log}", *cfg.extra_args
+        )
 
     def start(self) -> None:
         agent_listener = listening_socket(self.agent_path)

@@ -4,6 +4,10 @@ The binaries need glibc 2.39+, which the host lacks, so they run through the roo
 loader with the root's library path; QEMU also needs ``-L`` for its firmware and
 ``QEMU_MODULE_DIR`` for the devices built as modules. No chroot, so sockets and files keep their
 host paths.
+
+``virtio-emu-qemu`` (``main`` below) is that QEMU as a command: it behaves like
+``qemu-system-x86_64``, every argument passed through, so a command line printed by
+``virtio-emu-vm`` can be pasted into a shell as it is.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +25,9 @@ log = logging.getLogger(__name__)
 
 ACCEL_ENV = "VIRTIO_EMU_ACCEL"
 KVM_PROBE_FILE = "kvm-probe.json"
+WRAPPER = "virtio-emu-qemu"
+#: What an absent QEMU exits with in a shell: "command not found".
+NOT_FOUND = 127
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +35,10 @@ class HostBinaries:
     """Command lines for the programs in the host root, runnable without chroot."""
 
     root: Path
+
+    @property
+    def qemu(self) -> Path:
+        return self.root / "usr/bin/qemu-system-x86_64"
 
     @property
     def loader(self) -> Path:
@@ -56,7 +68,7 @@ class HostBinaries:
     def qemu_argv(self, *args: str) -> list[str]:
         firmware = ("usr/share/qemu", "usr/share/seabios")
         fw_args = [a for d in firmware for a in ("-L", str(self.root / d))]
-        return self._wrap("usr/bin/qemu-system-x86_64", [*fw_args, *args])
+        return self._wrap(str(self.qemu.relative_to(self.root)), [*fw_args, *args])
 
     def storage_daemon_argv(self, *args: str) -> list[str]:
         return self._wrap("usr/bin/qemu-storage-daemon", args)
@@ -101,3 +113,29 @@ def device_help(binaries: HostBinaries) -> str:
         check=True,
     )
     return proc.stdout + proc.stderr
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``virtio-emu-qemu ARGS...``: exec the cached QEMU 11.1 with ARGS, as qemu-system-x86_64.
+
+    Only the loader, its library path, the firmware ``-L`` directories and QEMU_MODULE_DIR are
+    added; everything else (``--version``, ``-device help``, a whole guest) is QEMU's own.
+    """
+    from vm.toolchain import HOST_ROOT_DIR, default_cache_dir  # noqa: PLC0415 -- it imports this module
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    binaries = HostBinaries(default_cache_dir() / HOST_ROOT_DIR)
+    if not binaries.qemu.exists():
+        print(
+            f"{WRAPPER}: no QEMU at {binaries.qemu}: build the VM toolchain first "
+            "(`make toolchain` as root, or run virtio-emu-vm, which builds it)",
+            file=sys.stderr,
+        )
+        return NOT_FOUND
+    command = binaries.qemu_argv(*args)
+    os.execve(command[0], command, binaries.env())
+    return NOT_FOUND  # not reached: execve replaces this process or raises
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -234,16 +234,19 @@ class Device:
         """What the guest's QEMU needs on its command line for this device."""
         if self.frontend == "emulator":
             assert self.vfio_socket is not None
-            spec = {
-                "driver": "vfio-user-pci",
-                "socket": {"type": "unix", "path": str(self.vfio_socket)},
-            }
-            return ["-device", json.dumps(spec)]
+            return vfio_user_device_args(self.vfio_socket)
         chardev = f"vhu{self.index}"
         return [
             "-chardev", f"socket,id={chardev},path={self.vhost_socket}",
             "-device", self.backend.native_device(chardev),
         ]  # fmt: skip
+
+
+def vfio_user_device_args(socket_path: Path) -> list[str]:
+    """QEMU's vfio-user client for the server on ``socket_path`` (only the JSON form takes a
+    socket address)."""
+    spec = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(socket_path)}}
+    return ["-device", json.dumps(spec)]
 
 
 def qemu_exit_problem(guest: Guest) -> str | None:
@@ -373,24 +376,34 @@ class Scenario:
         if frontend == "emulator":
             if announce is not None:
                 announce("emulator")
-            with self.step("start the emulator"):
-                device.vfio_socket = self.sockdir / f"vfio{index}.sock"
-                device.emulator = start_emulator(
-                    self.group,
-                    device.vfio_socket,
-                    "--vhost-user-socket", str(vhost_socket),
-                    "--virtio-id", str(backend.virtio_id),
-                    "--num-queues", str(backend.num_queues),
-                    "--config-size", str(backend.config_size),
-                    *emulator_args,
-                    name=f"emulator{index}",
-                    timeout=START_TIMEOUT,
-                    log_file=True,
-                )  # fmt: skip
+            device.emulator = self.start_emulator(
+                vhost_socket,
+                "--virtio-id", str(backend.virtio_id),
+                "--num-queues", str(backend.num_queues),
+                "--config-size", str(backend.config_size),
+                *emulator_args,
+                index=index,
+            )  # fmt: skip
+            device.vfio_socket = device.emulator.path
         if isinstance(backend, ShmemBackend | VirtiofsDaxBackend):
             device.control = ControlClient(vhost_socket.with_suffix(".ctl"), CONTROL_TIMEOUT)
             self.group.callback(device.control.close)
         return device
+
+    def start_emulator(self, vhost_socket: Path, *args: str, index: int) -> Process:
+        """Our emulator in front of the back-end on ``vhost_socket`` (already listening),
+        serving ``sockdir/vfio{index}.sock``; ``args`` are more ``virtio-emu`` options (the
+        device's shape: ``--virtio-id`` ...). Returns once it listens (``.path``)."""
+        with self.step(f"start the emulator for {vhost_socket}"):
+            return start_emulator(
+                self.group,
+                self.sockdir / f"vfio{index}.sock",
+                "--vhost-user-socket", str(vhost_socket),
+                *args,
+                name=f"emulator{index}",
+                timeout=START_TIMEOUT,
+                log_file=True,
+            )  # fmt: skip
 
     def qemu_args(self) -> list[str]:
         return [arg for device in self.devices for arg in device.qemu_args()]

@@ -55,6 +55,7 @@ GUEST_PACKAGES = (
     "pciutils",
     "fio",
 )
+HOST_ROOT_DIR = "host-root"
 IMAGE_SIZE = "1G"
 IMAGE_LABEL = "guestroot"
 KEEP_IMAGES = 4
@@ -98,7 +99,7 @@ class Toolchain:
     @property
     def host_root(self) -> Path:
         """The trixie root holding QEMU, qemu-storage-daemon and virtiofsd."""
-        return self.cache / "host-root"
+        return self.cache / HOST_ROOT_DIR
 
     @property
     def guest_root(self) -> Path:

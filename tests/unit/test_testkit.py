@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -64,3 +65,14 @@ def test_killed_and_bad_status_make_the_teardown_unclean(tmp_path: Path) -> None
     assert len(problems) == 2
     assert problems[0].startswith("grumpy: exit status 3 after SIGTERM")
     assert problems[1].startswith("stubborn: killed after ignoring SIGTERM")
+
+
+def test_new_session_keeps_children_out_of_the_terminals_process_group(tmp_path: Path) -> None:
+    group = ProcessGroup(tmp_path, new_session=True)
+    detached = group.start("detached", python(CLEAN))
+    attached = group.start("attached", python(CLEAN), new_session=False)
+    for proc in (detached, attached):
+        proc.wait_for_log("up")
+    assert os.getsid(detached.pid) == detached.pid != os.getsid(0)
+    assert os.getpgid(attached.pid) == os.getpgid(0)
+    group.check()

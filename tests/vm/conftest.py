@@ -36,8 +36,9 @@ def pytest_runtest_makereport(
         for value in getattr(item, "funcargs", {}).values():
             if isinstance(value, Guest):
                 report.sections.append((f"guest {value.config.name}", value.console_tail(80)))
-            elif callable(getattr(value, "failure_report", None)):  # a vm.scenario.Scenario
-                report.sections.append((f"scenario {value.name}", value.failure_report(80)))
+            elif callable(getattr(value, "failure_report", None)):  # a Scenario, a ProcessGroup
+                name = getattr(value, "name", type(value).__name__)
+                report.sections.append((f"processes {name}", value.failure_report(80)))
     return report
 
 
