@@ -17,6 +17,10 @@ import hashlib
 import json
 import logging
 import random
+import shlex
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from testkit import procfs
+from testkit import LISTENING_LINE, ProcessGroup, procfs
+from tests.helpers.docs import BIN, readme_block, user_env
 from vm.scenario import Frontend, Scenario, VirtiofsDaxBackend
 from vm.toolchain import Toolchain
 
@@ -235,3 +240,29 @@ def test_past_eof_maps_as_each_front_end_allows(dax: Dax) -> None:
     else:
         assert window["refuses_past_eof"] is True
         assert window["counters"]["bounces"] > 0
+
+
+def test_readme_dax_commands(toolchain: Toolchain, tmp_path: Path) -> None:
+    """README's virtio-fs DAX block, run as a user would: the share, the back-end, one guest."""
+    commands = readme_block("tests/vm/test_e2e_virtiofs_dax.py runs the commands of this block")
+    short = Path(tempfile.mkdtemp(prefix="dax-readme-"))  # UNIX socket paths: 108 bytes at most
+    lines = [line.replace("/tmp/", f"{short}/") for line in commands]
+    share, backend, guest = lines
+    env = user_env()
+    try:
+        subprocess.run(share, shell=True, check=True, env=env)
+        argv = shlex.split(backend.removesuffix("&"))
+        socket_path = Path(argv[argv.index("--socket-path") + 1])
+        group = ProcessGroup(tmp_path)
+        with group.running():
+            proc = group.start(
+                "readme-fs", [str(BIN / argv[0]), *argv[1:]], socket_path=socket_path
+            )
+            proc.wait_for_log(LISTENING_LINE + str(socket_path))
+            run = subprocess.run(
+                guest, shell=True, capture_output=True, env=env, timeout=300, check=False
+            )
+        assert run.returncode == 0, run.stderr.decode(errors="replace")
+        assert run.stdout.decode().splitlines() == ["dax=always", "hello through the DAX window"]
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
