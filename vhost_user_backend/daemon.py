@@ -25,11 +25,13 @@ thread while that message is handled (before it is answered)::
                           front-end left; the front-end drops every mapping on a device reset
     on_disconnect()       the front-end left; everything it set up is gone
 
-Behind our emulator every device reset sends RESET_DEVICE (and GET_VRING_BASE first when the
-rings ran, so ``reset`` runs twice: keep it idempotent). QEMU 11.1's own front-end never sends
-RESET_DEVICE, and resets a device whose rings were not started (at boot, the guest driver's
-probe) without a word; ``on_queues_started`` is the first message after such a reset.
-docs/shared-memory-lifecycle.md has the whole table.
+Behind our emulator every device reset sends RESET_DEVICE, after GET_VRING_BASE when the rings
+ran (a RESET_DEVICE straight after the GET_VRING_BASE that stopped the last ring is that same
+reset: ``reset`` runs once). QEMU 11.1's own front-end never sends RESET_DEVICE, and resets a
+device whose rings were not started (at boot, the guest driver's probe) without a word;
+``on_queues_started`` is the first message after such a reset. Stopped rings are not always a
+reset (our emulator's bus mastering off, QEMU's VM stop): ``reset`` runs and nothing was
+dropped. docs/shared-memory-lifecycle.md has the whole table.
 
 Hooks must not wait for the front-end: QEMU does not read the back-end channel while it waits
 for our answer, so a ``shmem_map`` there stalls until ``reply_timeout`` and loses the channel.
@@ -174,8 +176,8 @@ class VhostUserDevice:
 
     def reset(self) -> None:
         """Return to the initial state: RESET_DEVICE, GET_VRING_BASE stopped the last running
-        ring, or the front-end left. The front-end has dropped every mapping (a device reset
-        does); may run twice for one reset (GET_VRING_BASE, then RESET_DEVICE)."""
+        ring, or the front-end left; once per reset. The front-end has dropped every mapping
+        (a device reset does), except when stopped rings were no reset (bus mastering off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +270,9 @@ class VhostUserDaemon:
         #: Some ring was started since the last reset / some ring runs (started and enabled).
         self._rings_started = False
         self._running = False
+        #: The last request was a GET_VRING_BASE that reset the device: a RESET_DEVICE right
+        #: after it is the same reset (our emulator sends both), not a second one.
+        self._reset_by_ring_stop = False
         self._persistent: dict[tuple[int, int], PersistentMapping] = {}
         self._remap_cond = threading.Condition()
         self._remap_reasons: list[str] = []
@@ -494,6 +499,8 @@ class VhostUserDaemon:
                 raise RemoteProtocolError(
                     f"{req.name} needs protocol feature {required_mask:#x}", errno.EOPNOTSUPP
                 )
+            if req not in (FrontendReq.GET_VRING_BASE, FrontendReq.RESET_DEVICE):
+                self._reset_by_ring_stop = False
             handler = self._handlers.get(req)
             if handler is None:
                 raise RemoteProtocolError(f"{req.name} is not supported", errno.ENOSYS)
@@ -613,6 +620,7 @@ class VhostUserDaemon:
             # QEMU's own front-end tells a back-end of a reset only this way.
             self._rings_started = False
             self._device_reset("GET_VRING_BASE stopped the last ring")
+            self._reset_by_ring_stop = True
         return VhostUserVringState(state.index, base)
 
     def _vring_fd(self, msg: VhostUserMessage) -> tuple[Vring, int | None]:
@@ -697,6 +705,10 @@ class VhostUserDaemon:
     def _reset_device(self, msg: VhostUserMessage) -> None:
         self._reset_vrings()
         self._rings_started = self._running = False
+        if self._reset_by_ring_stop:
+            self._reset_by_ring_stop = False
+            self._conn_log.debug("RESET_DEVICE: the reset GET_VRING_BASE began, already done")
+            return
         self._device_reset("RESET_DEVICE")
 
     def _get_shmem_config(self, msg: VhostUserMessage) -> Payload:
