@@ -134,6 +134,7 @@ __all__ = [
     "PersistentMapping",
     "VhostUserDaemon",
     "VhostUserDevice",
+    "checked_regions",
 ]
 
 P = TypeVar("P", bound=Payload)
