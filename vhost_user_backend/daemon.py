@@ -19,7 +19,7 @@ Lifecycle: the hooks, each tied to a message the back-end really receives, run o
 thread while that message is handled (before it is answered)::
 
     on_connect(daemon)    a front-end connected
-    on_channel_ready()    SET_BACKEND_REQ_FD arrived and BACKEND_REQ is acked: shmem_map works
+    on_channel_ready()    SET_BACKEND_REQ_FD arrived and BACKEND_REQ is acked
     on_queues_started()   a ring runs (SET_VRING_KICK / SET_VRING_ENABLE, or the first kick)
     reset()               RESET_DEVICE, or GET_VRING_BASE stopped the last running ring, or the
                           front-end left; the front-end drops every mapping on a device reset
@@ -27,17 +27,19 @@ thread while that message is handled (before it is answered)::
 
 Behind our emulator every device reset sends RESET_DEVICE, after GET_VRING_BASE when the rings
 ran (a RESET_DEVICE straight after the GET_VRING_BASE that stopped the last ring is that same
-reset: ``reset`` runs once). QEMU 11.1's own front-end never sends RESET_DEVICE, and resets a
-device whose rings were not started (at boot, the guest driver's probe) without a word;
-``on_queues_started`` is the first message after such a reset. Stopped rings are not always a
-reset (our emulator's bus mastering off, QEMU's VM stop): ``reset`` runs and nothing was
-dropped. docs/shared-memory-lifecycle.md has the whole table.
+reset: ``reset`` runs once), and SHMEM_MAP is taken whenever the channel is up. QEMU 11.1's own
+front-end acks RESET_DEVICE but never sends it, resets a device whose rings were not started
+(the machine reset at boot, the guest driver's probe) without a word, and segfaults on a
+SHMEM_MAP while its device is not started (during realize, before DRIVER_OK, after a stop):
+behind it, map only while queues run. ``on_queues_started`` is the first message after its
+silent resets. Stopped rings are not always a reset (our emulator's bus mastering off, QEMU's
+VM stop): ``reset`` runs and nothing was dropped. docs/shared-memory-lifecycle.md has the table.
 
 Hooks must not wait for the front-end: QEMU does not read the back-end channel while it waits
 for our answer, so a ``shmem_map`` there stalls until ``reply_timeout`` and loses the channel.
 ``persistent_map`` is the way to keep mappings across resets: the library maps them from its
-own thread once the channel is ready, again after every reset and whenever queues start, and
-forgets one when ``shmem_unmap`` removes exactly its range.
+own thread after every RESET_DEVICE and whenever queues start, the moments both front-ends
+take a map, and forgets one when ``shmem_unmap`` removes exactly its range.
 
 When the front-end leaves (end of stream, a reset, a fatal protocol error) everything it set up
 goes: the back-end channel, the kick/call/err fds, the guest memory mappings; the device's
@@ -165,8 +167,9 @@ class VhostUserDevice:
         """A front-end connected; nothing is negotiated yet and there is no back-end channel."""
 
     def on_channel_ready(self) -> None:
-        """The back-end channel is usable (SET_BACKEND_REQ_FD with BACKEND_REQ acked). Runs
-        before the front-end has its answer: do not wait for the front-end here."""
+        """The back-end channel exists (SET_BACKEND_REQ_FD with BACKEND_REQ acked). Runs before
+        the front-end has its answer: do not wait for it here. Behind QEMU 11.1 a SHMEM_MAP
+        sent before the queues start crashes QEMU."""
 
     def on_queues_started(self) -> None:
         """A ring runs again after none did (SET_VRING_KICK / SET_VRING_ENABLE): the driver
@@ -618,9 +621,10 @@ class VhostUserDaemon:
         base = vring.stop()
         self._update_running()
         if self._rings_started and not any(v.started for v in self.vrings):
-            # QEMU's own front-end tells a back-end of a reset only this way.
+            # QEMU's own front-end tells a back-end of a reset only this way. No re-map here:
+            # QEMU 11.1 segfaults on a SHMEM_MAP once its device stopped (see the docstring).
             self._rings_started = False
-            self._device_reset("GET_VRING_BASE stopped the last ring")
+            self._hook(self.device.reset, "GET_VRING_BASE stopped the last ring")
             self._reset_by_ring_stop = True
         return VhostUserVringState(state.index, base)
 
@@ -706,11 +710,11 @@ class VhostUserDaemon:
     def _reset_device(self, msg: VhostUserMessage) -> None:
         self._reset_vrings()
         self._rings_started = self._running = False
-        if self._reset_by_ring_stop:
+        if self._reset_by_ring_stop:  # the reset GET_VRING_BASE began: the hook ran there
             self._reset_by_ring_stop = False
-            self._conn_log.debug("RESET_DEVICE: the reset GET_VRING_BASE began, already done")
-            return
-        self._device_reset("RESET_DEVICE")
+        else:
+            self._hook(self.device.reset, "RESET_DEVICE")
+        self._schedule_remap("after RESET_DEVICE")
 
     def _get_shmem_config(self, msg: VhostUserMessage) -> Payload:
         sizes = tuple(self.device.shmem_sizes())
@@ -732,11 +736,6 @@ class VhostUserDaemon:
         except Exception:
             self._conn_log.exception("device %s failed (%s)", hook_name, why)
 
-    def _device_reset(self, why: str) -> None:
-        """A device reset the back-end was told of: the front-end dropped every mapping."""
-        self._hook(self.device.reset, why)
-        self._schedule_remap(f"after {why}")
-
     def _announce_channel(self) -> None:
         """``on_channel_ready`` once per channel, when it exists and BACKEND_REQ is acked."""
         if (
@@ -747,7 +746,6 @@ class VhostUserDaemon:
             return
         self._channel_announced = True
         self._hook(self.device.on_channel_ready, "SET_BACKEND_REQ_FD")
-        self._schedule_remap("channel ready")
 
     def _start(self, vring: Vring) -> None:
         vring.start()
@@ -868,18 +866,19 @@ class VhostUserDaemon:
     ) -> None:
         """Keep ``fd`` mapped at ``shm_offset`` of region ``shmid`` across resets.
 
-        The library maps it from its own thread whenever the channel becomes ready, after
-        every reset and whenever queues start (a reset behind QEMU may have been silent), and
-        right away if a channel is ready now; the outcome is logged. ``fd`` stays the caller's
-        (the daemon keeps a dup). ``shmem_unmap`` of exactly this range ends it. Raises
-        ``DeviceConfigError`` for a range the front-end would refuse whatever its state.
+        The library maps it from its own thread after every RESET_DEVICE and whenever queues
+        start (a reset behind QEMU may have been silent), and right away if queues run now;
+        never at other times, when QEMU 11.1 would crash on it (see the module docstring).
+        The outcome is logged. ``fd`` stays the caller's (the daemon keeps a dup).
+        ``shmem_unmap`` of exactly this range ends it. Raises ``DeviceConfigError`` for a
+        range the front-end would refuse whatever its state.
         """
         self._check_persistent(shmid, fd, fd_offset, shm_offset, length)
         mapping = PersistentMapping(shmid, os.dup(fd), fd_offset, shm_offset, length, writable)
         with self._remap_cond:
             self._persistent[(shmid, shm_offset)] = mapping
         log.info("persistent mapping %s registered", mapping)
-        if self._channel_announced:
+        if self._running:
             self._schedule_remap("persistent_map")
 
     @property

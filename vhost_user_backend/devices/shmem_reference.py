@@ -18,9 +18,9 @@ says what the status means, e.g. ``EEXIST: overlaps a live mapping``).
 
 Those mappings last until the next device reset, which drops them (the spec says so).
 ``--map-at-start SHMID:OFFSET:LENGTH:PATTERN[:SEED]`` (repeatable) declares mappings that the
-library keeps instead (``VhostUserDaemon.persistent_map``): mapped once the back-end channel is
-ready and again after every reset, until an ``unmap`` of exactly that range; ``status`` lists
-them under ``persistent``.
+library keeps instead (``VhostUserDaemon.persistent_map``): mapped after every RESET_DEVICE and
+whenever the queues start, until an ``unmap`` of exactly that range; ``status`` lists them
+under ``persistent``.
 ``ControlClient`` is the client side of this protocol (tests, the benchmarks and ``vm.scenario``
 use it through ``testkit``).
 
@@ -513,8 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SHMID:OFFSET:LENGTH:PATTERN[:SEED]",
-        help="a read-only mapping the library keeps across resets (repeatable): mapped when "
-        "the back-end channel is ready and after every reset, until an unmap of that range",
+        help="a read-only mapping the library keeps across resets (repeatable): mapped after "
+        "every RESET_DEVICE and whenever the queues start, until an unmap of that range",
     )
     parser.add_argument(
         "--serve-once",
