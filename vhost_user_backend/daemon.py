@@ -279,7 +279,8 @@ class VhostUserDaemon:
         self._reset_by_ring_stop = False
         self._persistent: dict[tuple[int, int], PersistentMapping] = {}
         self._remap_cond = threading.Condition()
-        self._remap_reasons: list[str] = []
+        #: Why a round is due, and for which mapping (None: all of them).
+        self._remap_reasons: list[tuple[str, tuple[int, int] | None]] = []
         self._remap_thread: threading.Thread | None = None
         self._handlers: dict[FrontendReq, Callable[[VhostUserMessage], Payload | None]] = {
             FrontendReq.GET_FEATURES: self._get_features,
@@ -879,7 +880,7 @@ class VhostUserDaemon:
             self._persistent[(shmid, shm_offset)] = mapping
         log.info("persistent mapping %s registered", mapping)
         if self._running:
-            self._schedule_remap("persistent_map")
+            self._schedule_remap("persistent_map", (shmid, shm_offset))
 
     @property
     def persistent_mappings(self) -> list[PersistentMapping]:
@@ -925,10 +926,10 @@ class VhostUserDaemon:
             return
         raise DeviceConfigError(f"shmid {shmid}: {span}: {problem}")
 
-    def _schedule_remap(self, reason: str) -> None:
+    def _schedule_remap(self, reason: str, only: tuple[int, int] | None = None) -> None:
         with self._remap_cond:
             if self._persistent:
-                self._remap_reasons.append(reason)
+                self._remap_reasons.append((reason, only))
                 self._remap_cond.notify()
 
     def _remap_worker(self) -> None:
@@ -940,10 +941,21 @@ class VhostUserDaemon:
                     self._remap_cond.wait()
                 if self._stopping.is_set():
                     return
-                reasons, self._remap_reasons = self._remap_reasons, []
-                mappings = sorted(self._persistent.values(), key=lambda m: (m.shmid, m.shm_offset))
+                due, self._remap_reasons = self._remap_reasons, []
+                wanted = {only for _, only in due}
+                mappings = sorted(
+                    (m for key, m in self._persistent.items() if None in wanted or key in wanted),
+                    key=lambda m: (m.shmid, m.shm_offset),
+                )
+            reasons = [reason for reason, _ in due]
             why = ", ".join(dict.fromkeys(reasons))
+            after_reset = "after RESET_DEVICE" in reasons
             for mapping in mappings:
+                # Behind QEMU 11.1 a map once the queues stopped again would crash it; a
+                # front-end that sends RESET_DEVICE takes maps after it.
+                if not (after_reset or self._running):
+                    log.info("persistent mappings not mapped (%s): the queues stopped", why)
+                    break
                 if not self._restore(mapping, why):
                     break
 

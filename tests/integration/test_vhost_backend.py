@@ -710,6 +710,25 @@ def test_persistent_mappings_are_mapped_after_reset_device_and_when_queues_start
     peer.close()
 
 
+def test_persistent_map_maps_at_once_only_while_queues_run(
+    fe: LockstepFrontend, backend: VhostUserDaemon, guest: Guest
+) -> None:
+    page = os.memfd_create("persistent")
+    os.ftruncate(page, 0x2000)
+    fe.negotiate(int(ALL | PF.RESET_DEVICE))
+    peer = ChannelPeer(fe, then=0)
+    backend.persistent_map(0, page, 0, 0, 0x1000, writable=False)  # no queue runs: later
+    assert fe.u64(FrontendReq.GET_FEATURES)
+    assert peer.seen == []
+    guest.setup(fe)
+    assert wait_seen(peer, 1) == [("SHMEM_MAP", 0, 0)]
+    backend.persistent_map(0, page, 0x1000, 0x1000, 0x1000, writable=False)  # runs: at once
+    assert wait_seen(peer, 2)[1:] == [("SHMEM_MAP", 0, 0x1000)]
+    os.close(page)
+    fe.close()
+    peer.close()
+
+
 def test_persistent_map_refuses_what_no_front_end_would_take(backend: VhostUserDaemon) -> None:
     page = os.memfd_create("persistent")
     os.ftruncate(page, 0x2000)
