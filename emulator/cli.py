@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for each back-end reply",
     )
     parser.add_argument(
+        "--backend-connect-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up (exit status 1) when the vhost-user back-end's socket does not accept a "
+        "connection within this many seconds of start-up (default: wait as long as it takes)",
+    )
+    parser.add_argument(
         "--max-mappings",
         type=int,
         metavar="N",
@@ -168,6 +175,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         raise ConfigError(f"--config-size {args.config_size} is outside 0..4096")
     if args.backend_timeout <= 0:
         raise ConfigError("--backend-timeout must be positive")
+    if args.backend_connect_timeout is not None and args.backend_connect_timeout <= 0:
+        raise ConfigError("--backend-connect-timeout must be positive")
     if args.max_mappings is not None and args.max_mappings < 1:
         raise ConfigError("--max-mappings must be at least 1")
     if args.max_mappings_per_region < 1:
@@ -183,6 +192,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         shmem_feature_bit=args.shmem_feature_bit,
         trace=args.trace,
         backend_timeout=args.backend_timeout,
+        backend_connect_timeout=args.backend_connect_timeout,
         max_mappings=args.max_mappings,
         max_mappings_per_region=args.max_mappings_per_region,
     )

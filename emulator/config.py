@@ -20,5 +20,7 @@ class EmulatorConfig:
     shmem_feature_bit: int = 22
     trace: Path | None = None
     backend_timeout: float = 5.0
+    #: Seconds to wait at start-up for the back-end's socket; None waits as long as it takes.
+    backend_connect_timeout: float | None = None
     max_mappings: int | None = None
     max_mappings_per_region: int = 65536

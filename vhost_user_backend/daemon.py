@@ -5,18 +5,46 @@ features, maps the front-end's memory, runs split virtqueues
 and hands each kicked queue to the device's ``handle_queue``. Every request goes through the
 same fixed steps: decode header, fds and body (the codec checks fds and size against the
 payload type), check the protocol feature, call one typed handler, send the reply or the
-REPLY_ACK status. Devices never see REPLY_ACK.
+REPLY_ACK status. Devices never see REPLY_ACK. The device's shared-memory layout is checked when
+the daemon is built, by the rules the front-end applies (``vhost_user.shmem``).
 
 ``shmem_map``/``shmem_unmap`` send BACKEND_SHMEM_MAP/UNMAP on the back-end channel and wait for
 the front-end's u64 status; they may be called from any thread while the loop runs. Sends and
 the wait are bounded by ``reply_timeout``; a timeout, a channel the front-end closed (alone or
 with the main socket) or anything but the one u64 reply raises ``ChannelFailed`` and drops the
-channel, whose next bytes are never read. The main socket is served on regardless.
+channel, whose next bytes are never read. The main socket is served on regardless. A non-zero
+status is ``FrontendRefused``, which says what it means (``EEXIST: overlaps a live mapping``).
+
+Lifecycle: the hooks, each tied to a message the back-end really receives, run on the loop
+thread while that message is handled (before it is answered)::
+
+    on_connect(daemon)    a front-end connected
+    on_channel_ready()    SET_BACKEND_REQ_FD arrived and BACKEND_REQ is acked
+    on_queues_started()   a ring runs (SET_VRING_KICK / SET_VRING_ENABLE, or the first kick)
+    reset()               RESET_DEVICE, or GET_VRING_BASE stopped the last running ring, or the
+                          front-end left; the front-end drops every mapping on a device reset
+    on_disconnect()       the front-end left; everything it set up is gone
+
+Behind our emulator every device reset sends RESET_DEVICE, after GET_VRING_BASE when the rings
+ran (a RESET_DEVICE straight after the GET_VRING_BASE that stopped the last ring is that same
+reset: ``reset`` runs once), and SHMEM_MAP is taken whenever the channel is up. QEMU 11.1's own
+front-end acks RESET_DEVICE but never sends it, resets a device whose rings were not started
+(the machine reset at boot, the guest driver's probe) without a word, and segfaults on a
+SHMEM_MAP while its device is not started (during realize, before DRIVER_OK, after a stop):
+behind it, map only while queues run. ``on_queues_started`` is the first message after its
+silent resets. Stopped rings are not always a reset (our emulator's bus mastering off, QEMU's
+VM stop): ``reset`` runs and nothing was dropped. docs/shared-memory-lifecycle.md has the table.
+
+Hooks must not wait for the front-end: QEMU does not read the back-end channel while it waits
+for our answer, so a ``shmem_map`` there stalls until ``reply_timeout`` and loses the channel.
+``persistent_map`` is the way to keep mappings across resets: the library maps them from its
+own thread after every RESET_DEVICE and whenever queues start, the moments both front-ends
+take a map, and forgets one when ``shmem_unmap`` removes exactly its range.
 
 When the front-end leaves (end of stream, a reset, a fatal protocol error) everything it set up
 goes: the back-end channel, the kick/call/err fds, the guest memory mappings; the device's
-``reset`` and ``on_disconnect`` run (an exception there is logged, not raised into the loop).
-Then the daemon accepts the next front-end, or with ``serve_once`` returns from
+``reset`` and ``on_disconnect`` run (an exception in any hook is logged, not raised into the
+loop). Then the daemon accepts the next front-end, or with ``serve_once`` returns from
 ``serve_forever``; the library never exits the process.
 
 A device that serves its queues from a thread of its own (so that a queue request may wait for
@@ -40,6 +68,7 @@ import socket
 import stat
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from vhost_user.codec import (
@@ -58,7 +87,6 @@ from vhost_user.messages import (
     SHMEM_FEATURE_BIT_UPSTREAM,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_MAX_CONFIG_SIZE,
-    VHOST_USER_MAX_SHMEM_REGIONS,
     BackendReq,
     FrontendReq,
     Payload,
@@ -76,7 +104,19 @@ from vhost_user.messages import (
     shmem_feature,
     vring_index_and_fd,
 )
-from vhost_user_backend.errors import ChannelFailed, DaemonError, FrontendRefused
+from vhost_user.shmem import (
+    PAGE_SIZE,
+    QEMU_REFUSED,
+    RegionRefused,
+    check_regions,
+    qemu_native_refuses,
+)
+from vhost_user_backend.errors import (
+    ChannelFailed,
+    DaemonError,
+    DeviceConfigError,
+    FrontendRefused,
+)
 from vhost_user_backend.memory import MAX_MEM_SLOTS, MappedRegion, MemoryTable, MemoryTableError
 from vhost_user_backend.vring import Vring
 from wire.errors import (
@@ -96,7 +136,15 @@ log = logging.getLogger(__name__)
 LISTENING_LINE = "listening on "
 
 VIRTIO_F_VERSION_1 = 1 << 32
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+__all__ = [
+    "LISTENING_LINE",
+    "PAGE_SIZE",
+    "VIRTIO_F_VERSION_1",
+    "PersistentMapping",
+    "VhostUserDaemon",
+    "VhostUserDevice",
+    "checked_regions",
+]
 
 P = TypeVar("P", bound=Payload)
 
@@ -123,13 +171,51 @@ class VhostUserDevice:
         """Process available buffers of queue ``index`` (called on a kick while started)."""
 
     def on_connect(self, backend: VhostUserDaemon) -> None:
-        """A front-end connected."""
+        """A front-end connected; nothing is negotiated yet and there is no back-end channel."""
+
+    def on_channel_ready(self) -> None:
+        """The back-end channel exists (SET_BACKEND_REQ_FD with BACKEND_REQ acked). Runs before
+        the front-end has its answer: do not wait for it here. Behind QEMU 11.1 a SHMEM_MAP
+        sent before the queues start crashes QEMU."""
+
+    def on_queues_started(self) -> None:
+        """A ring runs again after none did (SET_VRING_KICK / SET_VRING_ENABLE): the driver
+        set DRIVER_OK. Behind QEMU's own front-end the first message after a silent reset."""
 
     def on_disconnect(self) -> None:
         """The front-end left; everything it set up is gone."""
 
     def reset(self) -> None:
-        """RESET_DEVICE (and disconnect): return to the initial state."""
+        """Return to the initial state: RESET_DEVICE, GET_VRING_BASE stopped the last running
+        ring, or the front-end left; once per reset. The front-end has dropped every mapping
+        (a device reset does), except when stopped rings were no reset (bus mastering off)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PersistentMapping:
+    """A mapping the library keeps alive across resets (``VhostUserDaemon.persistent_map``);
+    ``fd`` is the daemon's own dup, closed when the mapping is forgotten."""
+
+    shmid: int
+    fd: int
+    fd_offset: int
+    shm_offset: int
+    length: int
+    writable: bool
+
+    def __str__(self) -> str:
+        return f"shmid {self.shmid} [{self.shm_offset:#x}, +{self.length:#x})"
+
+
+def checked_regions(device: VhostUserDevice) -> dict[int, int]:
+    """The device's regions as ``{shmid: size}``; ``DeviceConfigError`` in the words the
+    front-end would refuse them with."""
+    try:
+        sizes = dict(enumerate(device.shmem_sizes()))
+        check_regions(sizes)
+    except RegionRefused as exc:
+        raise DeviceConfigError(str(exc)) from exc
+    return {shmid: size for shmid, size in sizes.items() if size}
 
 
 def _payload(msg: VhostUserMessage, kind: type[P]) -> P:
@@ -153,6 +239,15 @@ class VhostUserDaemon:
     ) -> None:
         self.device = device
         self.socket_path = socket_path
+        #: ``{shmid: size}`` of the device's regions, checked by the front-end's rules.
+        self.shmem_regions = checked_regions(device)
+        if qemu_native_refuses(self.shmem_regions):
+            log.warning(
+                "shared memory regions %s total %#x bytes, not a power of two: QEMU 11.1's own "
+                "front-end aborts on that (our emulator rounds BAR 4 up)",
+                {shmid: hex(size) for shmid, size in self.shmem_regions.items()},
+                sum(self.shmem_regions.values()),
+            )
         self.reply_timeout = reply_timeout
         #: Return from ``serve_forever`` once the first front-end has left, instead of
         #: accepting the next one.
@@ -183,7 +278,19 @@ class VhostUserDaemon:
         self._stopping = threading.Event()
         self._connected = threading.Event()
         self._channel_ready = threading.Event()
+        self._channel_announced = False
         self._connections = 0
+        #: Some ring was started since the last reset / some ring runs (started and enabled).
+        self._rings_started = False
+        self._running = False
+        #: The last request was a GET_VRING_BASE that reset the device: a RESET_DEVICE right
+        #: after it is the same reset (our emulator sends both), not a second one.
+        self._reset_by_ring_stop = False
+        self._persistent: dict[tuple[int, int], PersistentMapping] = {}
+        self._remap_cond = threading.Condition()
+        #: Why a round is due, and for which mapping (None: all of them).
+        self._remap_reasons: list[tuple[str, tuple[int, int] | None]] = []
+        self._remap_thread: threading.Thread | None = None
         self._handlers: dict[FrontendReq, Callable[[VhostUserMessage], Payload | None]] = {
             FrontendReq.GET_FEATURES: self._get_features,
             FrontendReq.SET_FEATURES: self._set_features,
@@ -229,6 +336,10 @@ class VhostUserDaemon:
             sock.close()
             raise
         self._listener = sock
+        self._remap_thread = threading.Thread(
+            target=self._remap_worker, name="vhost-user-remap", daemon=True
+        )
+        self._remap_thread.start()
         self._sel.register(sock, selectors.EVENT_READ, self._accept)
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._wake)
         log.info("%s%s", LISTENING_LINE, self.socket_path)
@@ -257,6 +368,8 @@ class VhostUserDaemon:
     def stop(self) -> None:
         """Ask the loop to finish (from any thread)."""
         self._stopping.set()
+        with self._remap_cond:
+            self._remap_cond.notify()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
@@ -286,6 +399,14 @@ class VhostUserDaemon:
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        self._stopping.set()
+        with self._remap_cond:
+            self._remap_cond.notify()
+        if self._remap_thread is not None:
+            self._remap_thread.join(self.reply_timeout + 1)
+        with self._remap_cond:
+            kept, self._persistent = list(self._persistent.values()), {}
+        close_fds([mapping.fd for mapping in kept])
 
     # -- connection ---------------------------------------------------------------------------
     def _accept(self) -> None:
@@ -299,7 +420,7 @@ class VhostUserDaemon:
         self._sel.unregister(self._listener)
         self._sel.register(conn, selectors.EVENT_READ, self._readable)
         self._conn_log.info("front-end connected")
-        self.device.on_connect(self)
+        self._hook(lambda: self.device.on_connect(self), "connect", name="on_connect")
         self._connected.set()
 
     def _disconnect(self, reason: str) -> None:
@@ -320,11 +441,9 @@ class VhostUserDaemon:
         self.acked_protocol_features = 0
         self.owner = False
         self._connected.clear()
-        for hook in (self.device.reset, self.device.on_disconnect):
-            try:
-                hook()
-            except Exception:
-                self._conn_log.exception("device %s failed after the disconnect", hook.__name__)
+        self._rings_started = self._running = False
+        self._hook(self.device.reset, "the front-end left")
+        self._hook(self.device.on_disconnect, "the front-end left")
         if self.serve_once:
             self._stopping.set()
         elif self._listener is not None and not self._stopping.is_set():
@@ -396,6 +515,8 @@ class VhostUserDaemon:
                 raise RemoteProtocolError(
                     f"{req.name} needs protocol feature {required_mask:#x}", errno.EOPNOTSUPP
                 )
+            if req not in (FrontendReq.GET_VRING_BASE, FrontendReq.RESET_DEVICE):
+                self._reset_by_ring_stop = False
             handler = self._handlers.get(req)
             if handler is None:
                 raise RemoteProtocolError(f"{req.name} is not supported", errno.ENOSYS)
@@ -461,6 +582,7 @@ class VhostUserDaemon:
         if value & ~self.offered_protocol_features:
             raise RemoteProtocolError(f"protocol features {value:#x} were not offered")
         self.acked_protocol_features = value
+        self._announce_channel()
 
     def _get_queue_num(self, msg: VhostUserMessage) -> Payload:
         return VhostUserU64(len(self.vrings))
@@ -508,7 +630,15 @@ class VhostUserDaemon:
         state = _payload(msg, VhostUserVringState)
         vring = self._vring(state.index)
         self._watch_kick(vring, None)
-        return VhostUserVringState(state.index, vring.stop())
+        base = vring.stop()
+        self._update_running()
+        if self._rings_started and not any(v.started for v in self.vrings):
+            # QEMU's own front-end tells a back-end of a reset only this way. No re-map here:
+            # QEMU 11.1 segfaults on a SHMEM_MAP once its device stopped (see the docstring).
+            self._rings_started = False
+            self._hook(self.device.reset, "GET_VRING_BASE stopped the last ring")
+            self._reset_by_ring_stop = True
+        return VhostUserVringState(state.index, base)
 
     def _vring_fd(self, msg: VhostUserMessage) -> tuple[Vring, int | None]:
         index, has_fd = vring_index_and_fd(_payload(msg, VhostUserU64).value)
@@ -525,7 +655,7 @@ class VhostUserDaemon:
             )
             return
         try:
-            vring.start()
+            self._start(vring)
         except MemoryTableError as exc:
             self._conn_log.warning("vring %d not started yet: %s", vring.index, exc)
             return
@@ -552,6 +682,7 @@ class VhostUserDaemon:
             raise RemoteProtocolError(f"SET_VRING_ENABLE num={state.num}")
         vring = self._vring(state.index)
         vring.enabled = bool(state.num)
+        self._update_running()
         self._process(vring)
 
     def _set_backend_req_fd(self, msg: VhostUserMessage) -> None:
@@ -571,6 +702,7 @@ class VhostUserDaemon:
         with self._channel_lock:
             self._channel = sock
         self._channel_ready.set()
+        self._announce_channel()
 
     def _get_config(self, msg: VhostUserMessage) -> Payload:
         cfg = _payload(msg, VhostUserConfig)
@@ -589,18 +721,57 @@ class VhostUserDaemon:
 
     def _reset_device(self, msg: VhostUserMessage) -> None:
         self._reset_vrings()
-        self.device.reset()
+        self._rings_started = self._running = False
+        if self._reset_by_ring_stop:  # the reset GET_VRING_BASE began: the hook ran there
+            self._reset_by_ring_stop = False
+        else:
+            self._hook(self.device.reset, "RESET_DEVICE")
+        self._schedule_remap("after RESET_DEVICE")
 
     def _get_shmem_config(self, msg: VhostUserMessage) -> Payload:
         sizes = tuple(self.device.shmem_sizes())
-        if len(sizes) > VHOST_USER_MAX_SHMEM_REGIONS:
-            raise RemoteProtocolError(f"device declares {len(sizes)} shared memory regions")
-        for shmid, size in enumerate(sizes):
-            if size % PAGE_SIZE:
-                raise RemoteProtocolError(f"shmid {shmid}: size {size:#x} is not page-aligned")
+        try:
+            check_regions(dict(enumerate(sizes)))
+        except RegionRefused as exc:  # the device changed its layout since it was built
+            raise RemoteProtocolError(str(exc)) from exc
         # nregions counts the declared regions, not the ids: QEMU takes the first nregions
         # non-zero sizes, and a reply whose count includes holes is refused.
         return VhostUserShMemConfig.declaring(sizes)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _hook(self, hook: Callable[[], None], why: str, *, name: str | None = None) -> None:
+        """Run one device hook on the loop thread; its exception is logged, never raised."""
+        hook_name = name or getattr(hook, "__name__", "hook")
+        self._conn_log.debug("device %s (%s)", hook_name, why)
+        try:
+            hook()
+        except Exception:
+            self._conn_log.exception("device %s failed (%s)", hook_name, why)
+
+    def _announce_channel(self) -> None:
+        """``on_channel_ready`` once per channel, when it exists and BACKEND_REQ is acked."""
+        if (
+            self._channel_announced
+            or self._channel is None
+            or not self.acked_protocol_features & VhostUserProtocolFeature.BACKEND_REQ
+        ):
+            return
+        self._channel_announced = True
+        self._hook(self.device.on_channel_ready, "SET_BACKEND_REQ_FD")
+
+    def _start(self, vring: Vring) -> None:
+        vring.start()
+        self._rings_started = True
+        self._update_running()
+
+    def _update_running(self) -> None:
+        """``on_queues_started`` when a ring runs (started and enabled) after none did."""
+        running = any(v.started and v.enabled for v in self.vrings)
+        if running and not self._running:
+            self._running = True
+            self._hook(self.device.on_queues_started, "a ring runs")
+            self._schedule_remap("queues started")
+        self._running = running
 
     # -- virtqueues ---------------------------------------------------------------------------
     def _reset_vrings(self) -> None:
@@ -618,7 +789,7 @@ class VhostUserDaemon:
         vring.stats.kicks += 1
         if not vring.started:
             try:
-                vring.start()
+                self._start(vring)
             except MemoryTableError as exc:
                 self._conn_log.warning("vring %d kicked but unusable: %s", vring.index, exc)
                 return
@@ -645,6 +816,7 @@ class VhostUserDaemon:
     # -- back-end channel ---------------------------------------------------------------------
     def _close_channel(self) -> None:
         self._channel_ready.clear()
+        self._channel_announced = False
         sock = self._channel
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -671,12 +843,171 @@ class VhostUserDaemon:
         """
         flags = int(VhostUserMMapFlag.RW) if writable else 0
         mmap_req = VhostUserMMap(shmid, fd_offset, shm_offset, length, flags)
-        self._backend_request(BackendReq.SHMEM_MAP, mmap_req, [fd], self.shmem_mask)
+        what = f"of shmid {shmid} [{shm_offset:#x}, +{length:#x})"
+        self._backend_request(BackendReq.SHMEM_MAP, mmap_req, [fd], self.shmem_mask, what)
 
     def shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> None:
-        """Ask the front-end to unmap [shm_offset, shm_offset + length) of ``shmid``."""
+        """Ask the front-end to unmap [shm_offset, shm_offset + length) of ``shmid``; a
+        persistent mapping of exactly that range is forgotten first (never mapped again)."""
+        with self._remap_cond:
+            forgotten = self._persistent.get((shmid, shm_offset))
+            if forgotten is not None and forgotten.length == length:
+                del self._persistent[(shmid, shm_offset)]
+            else:
+                forgotten = None
+        if forgotten is not None:
+            os.close(forgotten.fd)
+            log.info("persistent mapping %s forgotten (unmapped)", forgotten)
+        self._shmem_unmap(shmid, shm_offset, length)
+
+    def _shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> None:
         mmap_req = VhostUserMMap(shmid, 0, shm_offset, length, 0)
-        self._backend_request(BackendReq.SHMEM_UNMAP, mmap_req, [], self.shmem_mask)
+        what = f"of shmid {shmid} [{shm_offset:#x}, +{length:#x})"
+        self._backend_request(BackendReq.SHMEM_UNMAP, mmap_req, [], self.shmem_mask, what)
+
+    # -- persistent mappings -----------------------------------------------------------------
+    def persistent_map(
+        self,
+        shmid: int,
+        fd: int,
+        fd_offset: int,
+        shm_offset: int,
+        length: int,
+        *,
+        writable: bool,
+    ) -> None:
+        """Keep ``fd`` mapped at ``shm_offset`` of region ``shmid`` across resets.
+
+        The library maps it from its own thread after every RESET_DEVICE and whenever queues
+        start (a reset behind QEMU may have been silent), and right away if queues run now;
+        never at other times, when QEMU 11.1 would crash on it (see the module docstring).
+        The outcome is logged. ``fd`` stays the caller's (the daemon keeps a dup).
+        ``shmem_unmap`` of exactly this range ends it. Raises ``DeviceConfigError`` for a
+        range the front-end would refuse whatever its state.
+        """
+        self._check_persistent(shmid, fd, fd_offset, shm_offset, length)
+        mapping = PersistentMapping(shmid, os.dup(fd), fd_offset, shm_offset, length, writable)
+        with self._remap_cond:
+            self._persistent[(shmid, shm_offset)] = mapping
+        log.info("persistent mapping %s registered", mapping)
+        if self._running:
+            self._schedule_remap("persistent_map", (shmid, shm_offset))
+
+    @property
+    def persistent_mappings(self) -> list[PersistentMapping]:
+        with self._remap_cond:
+            return sorted(self._persistent.values(), key=lambda m: (m.shmid, m.shm_offset))
+
+    def _check_persistent(
+        self, shmid: int, fd: int, fd_offset: int, shm_offset: int, length: int
+    ) -> None:
+        """Refuse what the front-end would refuse in any state, in the words it would use."""
+        size = self.shmem_regions.get(shmid)
+        if size is None:
+            declared = sorted(self.shmem_regions)
+            raise DeviceConfigError(
+                f"shmid {shmid}: no such shared memory region (the device declares {declared})"
+            )
+        span = f"[{shm_offset:#x}, +{length:#x}) from fd offset {fd_offset:#x}"
+        with self._remap_cond:
+            overlapping = [
+                m
+                for m in self._persistent.values()
+                if m.shmid == shmid
+                and shm_offset < m.shm_offset + m.length
+                and m.shm_offset < shm_offset + length
+            ]
+        try:
+            info = os.fstat(fd)
+        except OSError as exc:
+            raise DeviceConfigError(f"shmid {shmid}: {span}: fd {fd}: {exc}") from exc
+        if length <= 0:
+            problem = "length must be positive"
+        elif (shm_offset | fd_offset | length) % PAGE_SIZE:
+            problem = f"not {PAGE_SIZE}-byte aligned"
+        elif shm_offset < 0 or fd_offset < 0 or shm_offset + length > size:
+            problem = f"outside the {size:#x}-byte region"
+        elif overlapping:
+            problem = f"overlaps persistent mapping {overlapping[0]}"
+        elif not stat.S_ISREG(info.st_mode):
+            problem = f"fd {fd} is not a regular file or memfd"
+        elif fd_offset + length > info.st_size:
+            problem = f"file has only {info.st_size:#x} bytes"
+        else:
+            return
+        raise DeviceConfigError(f"shmid {shmid}: {span}: {problem}")
+
+    def _schedule_remap(self, reason: str, only: tuple[int, int] | None = None) -> None:
+        with self._remap_cond:
+            if self._persistent:
+                self._remap_reasons.append((reason, only))
+                self._remap_cond.notify()
+
+    def _remap_worker(self) -> None:
+        """Maps the persistent mappings, one round per batch of events, off the loop thread:
+        the loop keeps answering the front-end, which may read the channel only then."""
+        while True:
+            with self._remap_cond:
+                while not self._remap_reasons and not self._stopping.is_set():
+                    self._remap_cond.wait()
+                if self._stopping.is_set():
+                    return
+                due, self._remap_reasons = self._remap_reasons, []
+                wanted = {only for _, only in due}
+                mappings = sorted(
+                    (m for key, m in self._persistent.items() if None in wanted or key in wanted),
+                    key=lambda m: (m.shmid, m.shm_offset),
+                )
+            reasons = [reason for reason, _ in due]
+            why = ", ".join(dict.fromkeys(reasons))
+            after_reset = "after RESET_DEVICE" in reasons
+            for mapping in mappings:
+                # Behind QEMU 11.1 a map once the queues stopped again would crash it; a
+                # front-end that sends RESET_DEVICE takes maps after it.
+                if not (after_reset or self._running):
+                    log.info("persistent mappings not mapped (%s): the queues stopped", why)
+                    break
+                if not self._restore(mapping, why):
+                    break
+
+    def _restore(self, mapping: PersistentMapping, why: str) -> bool:
+        """Map ``mapping``; False when the channel is gone (the next channel maps it again)."""
+
+        def map_it() -> None:
+            self.shmem_map(
+                mapping.shmid,
+                mapping.fd,
+                mapping.fd_offset,
+                mapping.shm_offset,
+                mapping.length,
+                writable=mapping.writable,
+            )
+
+        try:
+            with self._remap_cond:  # forgotten meanwhile (shmem_unmap): leave it be
+                if self._persistent.get((mapping.shmid, mapping.shm_offset)) is not mapping:
+                    return True
+            try:
+                map_it()
+            except FrontendRefused as exc:
+                if exc.code == errno.EEXIST:  # our front-end: it survived, nothing dropped it
+                    log.info("persistent mapping %s still mapped (%s)", mapping, why)
+                    return True
+                if exc.code != QEMU_REFUSED:
+                    raise
+                # QEMU answers 1 to everything; after an event that dropped nothing the
+                # mapping is still there: replace it.
+                with contextlib.suppress(FrontendRefused):
+                    self._shmem_unmap(mapping.shmid, mapping.shm_offset, mapping.length)
+                map_it()
+        except FrontendRefused as exc:
+            log.warning("persistent mapping %s not mapped (%s): %s", mapping, why, exc.meaning)
+            return True
+        except (ChannelFailed, StateError) as exc:
+            log.warning("persistent mappings not mapped (%s): %s", why, exc)
+            return False
+        log.info("persistent mapping %s mapped (%s)", mapping, why)
+        return True
 
     def config_changed(self) -> None:
         """Tell the front-end the device config changed (CONFIG_CHANGE_MSG): it re-reads it
@@ -686,7 +1017,7 @@ class VhostUserDaemon:
         )
 
     def _backend_request(
-        self, req: BackendReq, payload: Payload, fds: list[int], feature: int
+        self, req: BackendReq, payload: Payload, fds: list[int], feature: int, what: str = ""
     ) -> None:
         with self._channel_lock:
             sock = self._channel
@@ -716,10 +1047,11 @@ class VhostUserDaemon:
                 # request: the channel goes (the main socket stays).
                 self._channel = None
                 self._channel_ready.clear()
+                self._channel_announced = False
                 sock.close()
                 raise ChannelFailed(f"{req.name}: back-end channel failed: {exc}") from exc
         if reply:
-            raise FrontendRefused(req, reply)
+            raise FrontendRefused(req, reply, what)
 
     def _read_channel_reply(self, sock: socket.socket, req: BackendReq) -> int:
         """The u64 status answering ``req``; ``TransportError`` on timeout or end of stream,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from vhost_user.messages import BackendReq
+from vhost_user.shmem import describe_status
 
 
 class DaemonError(Exception):
@@ -28,9 +29,15 @@ class ChannelFailed(DaemonError):
 
 class FrontendRefused(DaemonError):
     """The front-end answered a back-end request (SHMEM_MAP/UNMAP, CONFIG_CHANGE_MSG) with the
-    non-zero status ``code`` (an errno from our emulator, 1 from QEMU)."""
+    non-zero status ``code``: an errno from our emulator, 1 from QEMU (for every refusal).
 
-    def __init__(self, req: BackendReq, code: int) -> None:
-        super().__init__(f"front-end refused {req.name}: status {code}")
+    ``meaning`` says what the status means for that request (``vhost_user.shmem``), e.g.
+    ``EEXIST: overlaps a live mapping``; ``what`` names the request's target (shmid, range).
+    """
+
+    def __init__(self, req: BackendReq, code: int, what: str = "") -> None:
         self.request = req
         self.code = code
+        self.meaning = describe_status(req.name, code)
+        target = f" {what}" if what else ""
+        super().__init__(f"front-end refused {req.name}{target}: {self.meaning}")

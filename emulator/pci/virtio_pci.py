@@ -170,11 +170,20 @@ class ShmemLayoutInfo(Protocol):
 
 
 class ShmemAccess(Protocol):
-    """Trapped guest accesses to BAR 4, forwarded unchanged (offsets are BAR offsets)."""
+    """Trapped guest accesses to BAR 4, forwarded unchanged (offsets are BAR offsets), and the
+    mappings behind them, which a device reset drops."""
 
     def read(self, bar_offset: int, size: int) -> bytes: ...
 
     def write(self, bar_offset: int, data: bytes) -> None: ...
+
+    def reset(self) -> None:
+        """Drop every mapping."""
+        ...
+
+    def __len__(self) -> int:
+        """Live mappings."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +310,7 @@ class VirtioPciDevice:
         self._add_virtio_caps(regions)
         self.config.seal()
         self._regions = self._region_table(shmem)
+        self._shmem = shmem
 
         # Transport registers that are not part of VirtioState.
         self._device_feature_select = 0
@@ -479,6 +489,19 @@ class VirtioPciDevice:
             return True
         return any(self.msix.eventfd(vector) is not None for vector in range(self.num_vectors))
 
+    def _drop_mappings(self) -> None:
+        """A device reset drops every shared-memory mapping (the virtio spec). First, before
+        the device stops its back-end's rings and resets it: a back-end that maps again in
+        answer to GET_VRING_BASE or RESET_DEVICE keeps what it mapped."""
+        shmem = self._shmem
+        if shmem is not None and len(shmem):
+            logger.info(
+                "device reset: dropping %d shared-memory mapping(s); the back-end is told next "
+                "(GET_VRING_BASE if its rings ran, RESET_DEVICE) and must map again",
+                len(shmem),
+            )
+            shmem.reset()
+
     def _raise_config_interrupt(self) -> None:
         self._interrupt(Isr.DEVICE_CONFIG, self._msix_config)
 
@@ -491,6 +514,7 @@ class VirtioPciDevice:
             self.intx.trigger(0)
 
     def _reset_virtio(self) -> None:
+        self._drop_mappings()
         self.state.reset()
         self._device_feature_select = 0
         self._driver_feature_select = 0

@@ -3,7 +3,8 @@
 Regions are packed back to back in shmid order and the BAR is the next power of two, so any mix
 of page-multiple sizes fits (QEMU 11.1's own front-end requires power-of-two region sizes and
 aborts on e.g. 2 MiB + 1 MiB; we do not). The PCI code turns each region into one
-VIRTIO_PCI_CAP_SHARED_MEMORY_CFG capability with ``id = shmid``.
+VIRTIO_PCI_CAP_SHARED_MEMORY_CFG capability with ``id = shmid``. The rules a layout must keep
+live in ``vhost_user.shmem``, which the back-end library applies too, in the same words.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from emulator.errors import ConfigError
+from vhost_user.shmem import MAX_BAR_SIZE, MAX_SHMID, PAGE_SIZE, RegionRefused, check_regions
 
-PAGE_SIZE = 4096
-MAX_SHMID = 255
-MAX_BAR_SIZE = 1 << 63
+__all__ = ["MAX_BAR_SIZE", "MAX_SHMID", "PAGE_SIZE", "RegionLayout", "ShmemLayout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,32 +48,21 @@ class ShmemLayout:
     def from_sizes(cls, sizes: Mapping[int, int]) -> ShmemLayout:
         """Lay out ``{shmid: size}``; size 0 marks an unused shmid and gets no region.
 
-        Raises ``ConfigError`` for a shmid outside 0..255, a size that is negative or not a
-        multiple of ``PAGE_SIZE``, or a total that no 64-bit BAR can hold.
+        Raises ``ConfigError`` naming the region and the rule (``vhost_user.shmem``) for a
+        shmid outside 0..255, a size that is negative or not a multiple of ``PAGE_SIZE``, or a
+        total that no 64-bit BAR can hold.
         """
+        try:
+            check_regions(sizes)
+        except RegionRefused as exc:
+            raise ConfigError(str(exc)) from exc
         regions: list[RegionLayout] = []
         offset = 0
         for shmid in sorted(sizes):
             size = sizes[shmid]
-            if isinstance(shmid, bool) or not isinstance(shmid, int):
-                raise ConfigError(f"shmid {shmid!r} is not an integer")
-            if not 0 <= shmid <= MAX_SHMID:
-                raise ConfigError(f"shmid {shmid} is outside 0..{MAX_SHMID}")
-            if isinstance(size, bool) or not isinstance(size, int):
-                raise ConfigError(f"shmid {shmid}: size {size!r} is not an integer")
-            if size < 0 or size % PAGE_SIZE:
-                raise ConfigError(
-                    f"shmid {shmid}: size {size:#x} is not a non-negative multiple of {PAGE_SIZE}"
-                )
-            if size == 0:
-                continue
-            regions.append(RegionLayout(shmid, offset, size))
-            offset += size
-            if offset > MAX_BAR_SIZE:
-                raise ConfigError(
-                    f"shared memory regions total {offset:#x} bytes, more than a 64-bit BAR "
-                    f"can hold ({MAX_BAR_SIZE:#x})"
-                )
+            if size:
+                regions.append(RegionLayout(shmid, offset, size))
+                offset += size
         bar_size = max(PAGE_SIZE, 1 << (offset - 1).bit_length()) if offset else PAGE_SIZE
         return cls(bar_size, tuple(regions))
 

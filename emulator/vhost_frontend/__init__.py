@@ -51,15 +51,20 @@ Which calls wait, and why they cannot answer the guest first:
 - guest resets the device or turns bus mastering off: ``deactivate`` sends GET_VRING_BASE per
   running queue (a typed reply, always waited for: the rings must have stopped before the
   driver is told the reset is done and frees them), then ``reset`` sends RESET_DEVICE (one
-  wait with REPLY_ACK).
+  wait with REPLY_ACK). A reset drops the shared-memory mappings first (the transport does,
+  before either message), so what the back-end maps in answer, served during these waits,
+  stays mapped.
 - QEMU changes an MSI-X eventfd (SET_IRQS): SET_VRING_CALL per running queue whose fd changed.
 - QEMU maps or unmaps guest memory (DMA_MAP/DMA_UNMAP) while the device runs: SET_MEM_TABLE.
   The back-end must have the new table before the old memory goes.
 - a reconnect (a loop timer every ``RECONNECT_INTERVAL`` s after a loss): negotiation, up to
   6 waits (GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_SHMEM_CONFIG, and with
   REPLY_ACK SET_OWNER and SET_BACKEND_REQ_FD), on the loop like the rest.
-- start-up: ``connect_blocking`` waits as long as it takes for the back-end's socket, then
-  negotiates as above; the loop is not running and the vfio-user socket not yet listening.
+- start-up: ``connect_blocking`` waits for the back-end's socket (``--backend-connect-timeout``
+  seconds at most, else as long as it takes), then negotiates as above; the loop is not
+  running and the vfio-user socket not yet listening. The back-end channel is not served
+  during this first negotiation (``ChannelHandler.ready``): a SHMEM_MAP sent then waits until
+  BAR 4 exists instead of being refused.
 
 Never waited for: kicks (an eventfd write), the call-fd relay (an eventfd read), the back-end
 channel's reads (MSG_DONTWAIT; a flood is served at most ``CHANNEL_BATCH`` reads per wake-up).

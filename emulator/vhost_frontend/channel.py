@@ -66,6 +66,13 @@ class ChannelHandler(Protocol):
     """What the channel dispatches to (``VhostUserFrontend``)."""
 
     @property
+    def ready(self) -> bool:
+        """False until the device exists (the first negotiation, before BAR 4 is built):
+        requests wait in the socket until then instead of being refused for a BAR that is
+        about to exist. The loop serves them once it runs."""
+        ...
+
+    @property
     def shared_memory(self) -> SharedMemory | None:
         """The BAR, or None when shared memory was not negotiated or has no BAR (ENOTSUP)."""
         ...

@@ -119,8 +119,9 @@ class BackendConnection:
 
     # -- connecting ------------------------------------------------------------------------
 
-    def connect_blocking(self) -> None:
-        """Connect at start-up, waiting as long as it takes for the back-end to come up."""
+    def connect_blocking(self, timeout: float | None = None) -> None:
+        """Connect at start-up, waiting for the back-end to come up: ``timeout`` seconds at
+        most (then ``BackendFailure``), or as long as it takes."""
         waited_since = time.monotonic()
         last_message = 0.0
         while True:
@@ -129,12 +130,21 @@ class BackendConnection:
                 return
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 now = time.monotonic()
+                if timeout is not None and now - waited_since >= timeout:
+                    raise BackendFailure(
+                        f"no vhost-user back-end at {self.path} after {timeout:g} s "
+                        f"({exc.strerror}): start the back-end first, or give it longer with "
+                        "--backend-connect-timeout"
+                    ) from exc
                 if now - last_message >= 5.0:
                     logger.info(
-                        "waiting for the vhost-user back-end at %s (%s; %.0f s so far)",
+                        "waiting for the vhost-user back-end at %s (%s; %.0f s so far, %s)",
                         self.path,
                         exc.strerror,
                         now - waited_since,
+                        "no limit: see --backend-connect-timeout"
+                        if timeout is None
+                        else f"giving up after {timeout:g} s",
                     )
                     last_message = now
                 time.sleep(0.1)
@@ -392,9 +402,10 @@ class BackendConnection:
         """Wait up to ``timeout`` seconds for the reply to ``req``: the event loop stands still.
 
         Meanwhile the back-end channel is served (a back-end may send SHMEM_MAP and wait for
-        its status before it answers us); the vfio-user socket, timers and call-fd relays are
-        not. No reply in time, a reply to another request, bad framing or a dead socket: the
-        connection is dropped and ``BackendFailure`` raised.
+        its status before it answers us), once the device exists (``ChannelHandler.ready``);
+        the vfio-user socket, timers and call-fd relays are not. No reply in time, a reply to
+        another request, bad framing or a dead socket: the connection is dropped and
+        ``BackendFailure`` raised.
         """
         deadline = time.monotonic() + self.timeout
         while True:
@@ -416,7 +427,7 @@ class BackendConnection:
             if remaining <= 0:
                 self.disconnect(f"no reply to {req.name} within {self.timeout} s")
                 raise BackendFailure(f"back-end did not answer {req.name} within {self.timeout} s")
-            channel = self._channel
+            channel = self._channel if self._handler.ready else None
             main_fd = stream.fileno()
             watched = [main_fd] + ([channel.fileno()] if channel is not None else [])
             readable, _, _ = select.select(watched, [], [], remaining)

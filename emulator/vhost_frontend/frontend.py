@@ -8,6 +8,8 @@ Call fds are the MSI-X eventfds QEMU gave us, so the back-end interrupts the gue
 passing through Python; a vector without one gets an eventfd of ours that we relay. Guest
 memory changes re-send the memory table; MSI-X eventfd changes re-send the call fds.
 
+A device reset drops the shared-memory mappings in the transport (``VirtioPciDevice``) before
+the back-end hears of it, so a back-end that maps again in answer keeps its mapping.
 A back-end that goes away takes its mappings with it; the device reports
 DEVICE_NEEDS_RESET and the connection reconnects in the background while the vfio-user side
 stays up.
@@ -77,6 +79,7 @@ class VhostUserFrontend:
         self.num_queues = config.num_queues
         self.max_queue_size = config.queue_size
         self.config_size = min(config.config_size, VHOST_USER_MAX_CONFIG_SIZE)
+        self.connect_timeout = config.backend_connect_timeout
         self.backend = BackendConnection(
             config.vhost_user_socket,
             loop,
@@ -153,14 +156,17 @@ class VhostUserFrontend:
         self._close_queue_fds()
 
     def reset(self) -> None:
-        """Every device reset, even before DRIVER_OK: reset the back-end, drop all mappings."""
+        """Every device reset, even before DRIVER_OK: reset the back-end (RESET_DEVICE).
+
+        The transport has dropped the shared-memory mappings already, before ``deactivate``
+        and this: what the back-end maps in answer (served while we wait) stays mapped.
+        """
         self._config = None
         if self.backend.connected and self.backend.has(PF.RESET_DEVICE):
             try:
                 self.backend.reset_device()
             except ANY_ERROR as exc:
                 logger.warning("back-end did not reset cleanly: %s", exc)
-        self.drop_mappings()
 
     def kick(self, queue: int) -> None:
         fd = self._kick_fds.get(queue)
@@ -168,6 +174,10 @@ class VhostUserFrontend:
             os.eventfd_write(fd, 1)
 
     # -- ChannelHandler ---------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._device is not None
 
     @property
     def shared_memory(self) -> SharedMemory | None:
@@ -181,8 +191,9 @@ class VhostUserFrontend:
     # -- wiring ------------------------------------------------------------------------------
 
     def connect_blocking(self) -> None:
-        """Connect at start-up, waiting as long as it takes for the back-end to come up."""
-        self.backend.connect_blocking()
+        """Connect at start-up, waiting up to ``--backend-connect-timeout`` (or as long as it
+        takes) for the back-end to come up."""
+        self.backend.connect_blocking(self.connect_timeout)
 
     def attach(self, device: TransportDevice, shmem: SharedMemoryBar | None) -> None:
         """Late binding: the transport is built after the back-end declared its regions."""
@@ -190,9 +201,11 @@ class VhostUserFrontend:
         self._shmem = shmem
         device.msix.on_change(self._vectors_changed)
 
-    def drop_mappings(self) -> None:
+    def _drop_mappings(self) -> None:
+        """The back-end is gone: so are its mappings (a device reset drops them in the
+        transport)."""
         if self._shmem is not None and len(self._shmem):
-            logger.info("dropping %d shared-memory mapping(s)", len(self._shmem))
+            logger.info("back-end gone: dropping %d shared-memory mapping(s)", len(self._shmem))
             self._shmem.reset()
 
     def close(self) -> None:
@@ -212,7 +225,7 @@ class VhostUserFrontend:
     def _forget_backend_state(self) -> None:
         self._close_queue_fds()
         self._active = ()
-        self.drop_mappings()
+        self._drop_mappings()
 
     # -- activation ------------------------------------------------------------------------
 

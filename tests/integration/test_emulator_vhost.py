@@ -23,7 +23,7 @@ import pytest
 from vguest.pattern import PatternKind, generate
 
 from emulator.vfio_user.client import VfioUserClient
-from testkit import ControlClient, Harness, Process
+from testkit import ControlClient, Harness, Process, shmem_backend_argv
 from testkit.procfs import (
     eventfd_id,
     eventfd_ids,
@@ -246,6 +246,13 @@ def test_refused_requests_leave_the_view_unchanged(procs: Harness) -> None:
         ]
         accepted = [what for what, reply in refusals if reply["ok"] or not reply["code"]]
         assert accepted == []
+        # The back-end is told what each status means (the errno of our refusal, named).
+        said = {what: reply["error"].partition("): ")[2] for what, reply in refusals}
+        assert said["overlap"] == "EEXIST: overlaps a live mapping"
+        assert said["past the end"].startswith("EINVAL: outside the region or not page-aligned")
+        assert said["unaligned offset"] == said["past the end"]
+        assert said["unmap of a hole"].startswith("ENOENT: no mapping exactly there")
+        assert said["partial unmap"] == said["unmap of a hole"]
         after = view()
         assert after[2:] == before[2:]
         assert after[0] == before[0] and after[1] == before[1]
@@ -826,3 +833,65 @@ def test_other_shmem_bits_give_one_warning_across_reconnects(
     assert "but not bit 22, the shared-memory bit of --shmem-feature-bit 22" in warnings[0]
     for text in named:
         assert text in warnings[0]
+
+
+def test_backend_connect_timeout_gives_up_with_a_clear_message(
+    procs: Harness, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nobody-listens.sock"
+    emu = procs.emulator(
+        "--vhost-user-socket", str(missing), "--backend-connect-timeout", "0.5", wait_ready=False
+    )
+    assert emu.wait_exit(timeout=20) == 1
+    (error,) = emu.lines("ERROR")
+    assert f"no vhost-user back-end at {missing} after 0.5 s (No such file or directory)" in error
+    assert "--backend-connect-timeout" in error
+    assert emu.lines("ready: listening") == []
+    assert "Traceback" not in emu.log()
+    assert not emu.path.exists()
+
+
+def test_backend_connect_timeout_still_waits_for_a_back_end_that_comes(procs: Harness) -> None:
+    path = procs.workdir / "late.sock"
+    emu = procs.emulator(
+        "--vhost-user-socket", str(path), "--backend-connect-timeout", "60", wait_ready=False
+    )
+    emu.wait_for_log("waiting for the vhost-user back-end", timeout=20)
+    back = procs.backend(socket_name="late.sock")
+    emu.wait_for_log("ready: listening", timeout=20)
+    with guest(emu) as driver:  # the loop runs (SIGTERM is taken from then on)
+        assert [r.shmid for r in driver.shm_regions] == [0]
+    emu.stop()
+    back.stop()
+
+
+LAYOUT_REFUSAL = (
+    "shared memory region 1: size 0x1800 is not a non-negative multiple of 4096 "
+    "(rule page-multiple)"
+)
+
+
+def test_a_refused_layout_names_the_region_and_the_rule_on_both_sides(
+    procs: Harness, tmp_path: Path
+) -> None:
+    """The same words from the back-end library at start-up, from the emulator for its own
+    ``--shmem-region`` and for a back-end that declares the layout in GET_SHMEM_CONFIG."""
+    regions = ("--shmem-region", "0:1M", "--shmem-region", "1:6K")
+    argv = shmem_backend_argv(tmp_path / "b.sock", *regions)
+    back = procs.start("vhost-device-shmem", argv)
+    assert back.wait_exit(timeout=20) == 2
+    assert back.lines() == [f"vhost-device-shmem: {LAYOUT_REFUSAL}"]
+
+    own = procs.emulator(*regions, wait_ready=False)
+    assert own.wait_exit(timeout=20) == 1
+    assert [line.partition(" ERROR ")[2] for line in own.lines("ERROR")] == [LAYOUT_REFUSAL]
+
+    path = tmp_path / "declares.sock"
+    backend = RawBackend(path, VhostUserShMemConfig(2, (MiB, 0x1800)).pack())
+    try:
+        emu = procs.emulator("--vhost-user-socket", str(path), wait_ready=False, socket_name="v2")
+        assert emu.wait_exit(timeout=20) == 1
+    finally:
+        backend.close()
+    assert [line.partition(" ERROR ")[2] for line in emu.lines("ERROR")] == [LAYOUT_REFUSAL]
+    assert "Traceback" not in emu.log()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import select
 import socket
 import struct
@@ -34,7 +35,7 @@ from vhost_user.messages import (
     VhostUserVringState,
 )
 from vhost_user_backend.daemon import VhostUserDaemon, VhostUserDevice
-from vhost_user_backend.errors import ChannelFailed, FrontendRefused
+from vhost_user_backend.errors import ChannelFailed, DeviceConfigError, FrontendRefused
 from vhost_user_backend.vring import Vring
 from wire.errors import StateError
 from wire.unix import close_fds, recv_with_fds, send_with_fds
@@ -571,3 +572,199 @@ def test_serve_once_returns_from_serve_forever_when_the_front_end_leaves(
     assert device.disconnects == 1
     assert not os.path.exists(sock_path)
     assert fd_count() == before, fd_targets()
+
+
+# -- lifecycle hooks and persistent mappings ------------------------------------------------------
+
+
+class HookRecorder(EchoDevice):
+    """Records which hook ran, in order; ``fail_channel_ready`` makes that hook raise."""
+
+    def __init__(self, *, fail_channel_ready: bool = False) -> None:
+        super().__init__()
+        self.events: list[str] = []
+        self.fail_channel_ready = fail_channel_ready
+
+    def on_connect(self, backend: VhostUserDaemon) -> None:
+        self.events.append("connect")
+
+    def on_channel_ready(self) -> None:
+        self.events.append("channel ready")
+        if self.fail_channel_ready:
+            raise RuntimeError("device bug")
+
+    def on_queues_started(self) -> None:
+        self.events.append("queues started")
+
+    def reset(self) -> None:
+        self.events.append("reset")
+
+    def on_disconnect(self) -> None:
+        self.events.append("disconnect")
+        super().on_disconnect()
+
+
+def vring_state(index: int, num: int = 0) -> VhostUserVringState:
+    return VhostUserVringState(index, num)
+
+
+def test_each_hook_fires_on_the_message_that_means_it(sock_path: str, guest: Guest) -> None:
+    device = HookRecorder()
+    for backend in start(device, sock_path, reply_timeout=1.0):
+        fe = LockstepFrontend(sock_path)
+        assert fe.u64(FrontendReq.GET_FEATURES)
+        assert device.events == ["connect"]
+        fe.negotiate(int(ALL | PF.RESET_DEVICE))
+        assert device.events == ["connect"]  # acked, but no channel yet
+        peer = ChannelPeer(fe, then=0)
+        assert device.events == ["connect", "channel ready"]
+        guest.setup(fe)  # SET_VRING_KICK starts ring 0, SET_VRING_ENABLE lets it run
+        assert device.events[2:] == ["queues started"]
+        # Our emulator's reset of a running device: GET_VRING_BASE, then RESET_DEVICE. One reset.
+        fe.call(FrontendReq.GET_VRING_BASE, vring_state(0))
+        assert device.events[3:] == ["reset"]
+        assert fe.u64(FrontendReq.RESET_DEVICE) == 0
+        assert device.events[3:] == ["reset"]
+        # A reset of a device whose rings never ran: RESET_DEVICE alone.
+        assert fe.u64(FrontendReq.RESET_DEVICE) == 0
+        assert device.events[3:] == ["reset", "reset"]
+        # QEMU's reset of a running device: disable, GET_VRING_BASE; then it starts again.
+        guest.setup(fe)
+        assert device.events[5:] == ["queues started"]
+        assert fe.u64(FrontendReq.SET_VRING_ENABLE, vring_state(0, 0)) == 0
+        assert device.events[5:] == ["queues started"]  # disabled is not stopped
+        fe.call(FrontendReq.GET_VRING_BASE, vring_state(1))  # never started: nothing stops
+        assert device.events[5:] == ["queues started"]
+        fe.call(FrontendReq.GET_VRING_BASE, vring_state(0))
+        assert device.events[5:] == ["queues started", "reset"]
+        # A new channel is ready again; leaving resets and says goodbye.
+        old, peer = peer, ChannelPeer(fe, then=0)
+        old.close()  # the daemon dropped the old channel: its thread has ended
+        assert device.events[7:] == ["channel ready"]
+        fe.close()
+        assert device.disconnected.wait(5)
+        assert device.events[8:] == ["reset", "disconnect"]
+        peer.close()
+        assert backend.status()["connected"] is False
+
+
+def test_a_hook_that_raises_is_logged_and_the_front_end_still_served(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = HookRecorder(fail_channel_ready=True)
+    for _ in start(device, sock_path, reply_timeout=1.0):
+        fe = LockstepFrontend(sock_path)
+        fe.negotiate(int(ALL | PF.RESET_DEVICE))
+        peer = ChannelPeer(fe, then=0)
+        assert fe.u64(FrontendReq.GET_FEATURES)
+        fe.close()
+        peer.close()
+    assert device.events[:2] == ["connect", "channel ready"]
+    assert "device on_channel_ready failed (SET_BACKEND_REQ_FD)" in caplog.text
+    assert "RuntimeError: device bug" in caplog.text
+
+
+def wait_seen(peer: ChannelPeer, count: int, timeout: float = 5.0) -> list[tuple[str, int, int]]:
+    """The first ``count`` requests the peer answered, as (name, shmid, shm_offset)."""
+    deadline = time.monotonic() + timeout
+    while len(peer.seen) < count:
+        assert time.monotonic() < deadline, f"{len(peer.seen)} requests, not {count}"
+        time.sleep(0.01)
+    return [(req.name, m.shmid, m.shm_offset) for req, m, _ in peer.seen[:count]]
+
+
+def test_persistent_mappings_are_mapped_after_reset_device_and_when_queues_start(
+    fe: LockstepFrontend, backend: VhostUserDaemon, guest: Guest
+) -> None:
+    page = os.memfd_create("persistent")
+    os.write(page, b"P" * 0x2000)
+    backend.persistent_map(0, page, 0, 0x1000, 0x1000, writable=False)
+    backend.persistent_map(2, page, 0x1000, 0, 0x1000, writable=True)
+    os.close(page)  # the daemon keeps its own dup
+    fe.negotiate(int(ALL | PF.RESET_DEVICE))
+    # Status 1 for the second map: QEMU's answer to an overlap (or anything): replace it.
+    peer = ChannelPeer(fe, [0, 1], then=0, keep_maps=True)
+    assert fe.u64(FrontendReq.GET_FEATURES)
+    assert peer.seen == []  # not at channel ready: QEMU 11.1 crashes on a map before DRIVER_OK
+    assert fe.u64(FrontendReq.RESET_DEVICE) == 0
+    a, b = ("SHMEM_MAP", 0, 0x1000), ("SHMEM_MAP", 2, 0)
+    assert wait_seen(peer, 4) == [a, b, ("SHMEM_UNMAP", 2, 0), b]
+    assert peer.seen[0][2] == b"P" * 0x1000 and peer.seen[3][1].writable
+    guest.setup(fe)  # queues started: mapped again (a front-end may have dropped them)
+    assert wait_seen(peer, 6)[4:] == [a, b]
+    # A reset of running rings: the hook runs at GET_VRING_BASE (no map then: QEMU 11.1 would
+    # crash), the maps come after the RESET_DEVICE that follows.
+    fe.call(FrontendReq.GET_VRING_BASE, vring_state(0))
+    assert fe.u64(FrontendReq.GET_FEATURES)
+    assert len(peer.seen) == 6
+    assert fe.u64(FrontendReq.RESET_DEVICE) == 0
+    assert wait_seen(peer, 8)[6:] == [a, b]
+    # An unmap of exactly that range ends the first one; the second lives on.
+    backend.shmem_unmap(0, 0x1000, 0x1000)
+    assert [(m.shmid, m.shm_offset) for m in backend.persistent_mappings] == [(2, 0)]
+    assert fe.u64(FrontendReq.RESET_DEVICE) == 0
+    assert wait_seen(peer, 10)[8:] == [("SHMEM_UNMAP", 0, 0x1000), b]
+    assert fe.u64(FrontendReq.GET_FEATURES)  # nothing more came meanwhile
+    assert len(peer.seen) == 10
+    fe.close()
+    peer.close()
+
+
+def test_persistent_map_maps_at_once_only_while_queues_run(
+    fe: LockstepFrontend, backend: VhostUserDaemon, guest: Guest
+) -> None:
+    page = os.memfd_create("persistent")
+    os.ftruncate(page, 0x2000)
+    fe.negotiate(int(ALL | PF.RESET_DEVICE))
+    peer = ChannelPeer(fe, then=0)
+    backend.persistent_map(0, page, 0, 0, 0x1000, writable=False)  # no queue runs: later
+    assert fe.u64(FrontendReq.GET_FEATURES)
+    assert peer.seen == []
+    guest.setup(fe)
+    assert wait_seen(peer, 1) == [("SHMEM_MAP", 0, 0)]
+    backend.persistent_map(0, page, 0x1000, 0x1000, 0x1000, writable=False)  # runs: at once
+    assert wait_seen(peer, 2)[1:] == [("SHMEM_MAP", 0, 0x1000)]
+    os.close(page)
+    fe.close()
+    peer.close()
+
+
+def test_persistent_map_refuses_what_no_front_end_would_take(backend: VhostUserDaemon) -> None:
+    page = os.memfd_create("persistent")
+    os.ftruncate(page, 0x2000)
+    cases = {
+        (1, 0, 0x1000): "shmid 1: no such shared memory region (the device declares [0, 2])",
+        (0, 0x800, 0x1000): "[0x800, +0x1000) from fd offset 0x0: not 4096-byte aligned",
+        (2, 0x1000, 0x2000): "outside the 0x2000-byte region",
+        (0, 0, 0x3000): "file has only 0x2000 bytes",
+        (0, 0, 0): "length must be positive",
+    }
+    for (shmid, offset, length), message in cases.items():
+        with pytest.raises(DeviceConfigError, match=re.escape(message)):
+            backend.persistent_map(shmid, page, 0, offset, length, writable=False)
+    backend.persistent_map(0, page, 0, 0, 0x2000, writable=False)
+    with pytest.raises(DeviceConfigError, match=r"overlaps persistent mapping shmid 0 \[0x0"):
+        backend.persistent_map(0, page, 0, 0x1000, 0x1000, writable=False)
+    os.close(page)
+
+
+def test_refusals_say_what_the_status_means(fe: LockstepFrontend, backend: VhostUserDaemon) -> None:
+    fe.negotiate(int(ALL | PF.RESET_DEVICE))
+    peer = ChannelPeer(fe, [17, 2, 1])
+    page = os.memfd_create("refused")
+    os.ftruncate(page, 0x1000)
+    with pytest.raises(FrontendRefused) as overlap:
+        backend.shmem_map(0, page, 0, 0x3000, 0x1000, writable=False)
+    with pytest.raises(FrontendRefused) as hole:
+        backend.shmem_unmap(0, 0x5000, 0x1000)
+    with pytest.raises(FrontendRefused) as qemu:
+        backend.shmem_map(0, page, 0, 0, 0x1000, writable=False)
+    os.close(page)
+    peer.close()
+    assert str(overlap.value) == (
+        "front-end refused SHMEM_MAP of shmid 0 [0x3000, +0x1000): EEXIST: overlaps a live mapping"
+    )
+    assert overlap.value.code == 17
+    assert str(hole.value).endswith("[0x5000, +0x1000): ENOENT: no mapping exactly there (a hole, "
+                                    "part of a mapping, or several)")  # fmt: skip
+    assert qemu.value.meaning.startswith("refused (status 1: QEMU's answer to every refusal")

@@ -89,6 +89,12 @@ class FakeShmem:
         self.writes.append((bar_offset, data))
         self.data[bar_offset : bar_offset + len(data)] = data
 
+    def reset(self) -> None:
+        self.data[:] = bytes(len(self.data))
+
+    def __len__(self) -> int:
+        return 1 if any(self.data) else 0
+
 
 @dataclass(frozen=True)
 class Region:

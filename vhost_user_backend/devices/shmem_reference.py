@@ -13,7 +13,14 @@ control socket speaking JSON lines::
     {"cmd": "status"}
 
 Each reply is one line: ``{"ok": true, ...}`` or ``{"ok": false, "error": "...", "code": N}``
-(``code`` is the front-end's status for refused SHMEM requests, else an errno).
+(``code`` is the front-end's status for refused SHMEM requests, else an errno; ``error`` then
+says what the status means, e.g. ``EEXIST: overlaps a live mapping``).
+
+Those mappings last until the next device reset, which drops them (the spec says so).
+``--map-at-start SHMID:OFFSET:LENGTH:PATTERN[:SEED]`` (repeatable) declares mappings that the
+library keeps instead (``VhostUserDaemon.persistent_map``): mapped after every RESET_DEVICE and
+whenever the queues start, until an ``unmap`` of exactly that range; ``status`` lists them
+under ``persistent``.
 ``ControlClient`` is the client side of this protocol (tests, the benchmarks and ``vm.scenario``
 use it through ``testkit``).
 
@@ -48,7 +55,6 @@ from vhost_user.messages import (
 from vhost_user_backend import control
 from vhost_user_backend.control import ControlServer
 from vhost_user_backend.daemon import (
-    PAGE_SIZE,
     VIRTIO_F_VERSION_1,
     VhostUserDaemon,
     VhostUserDevice,
@@ -88,7 +94,7 @@ def parse_size(text: str) -> int:
 
 
 def parse_region(text: str) -> tuple[int, int]:
-    """``SHMID:SIZE`` with a page-multiple size and a shmid below 256."""
+    """``SHMID:SIZE``; the layout rules (``vhost_user.shmem``) are the daemon's to apply."""
     shmid_text, sep, size_text = text.partition(":")
     if not sep:
         raise DeviceConfigError(f"shared memory region {text!r} is not SHMID:SIZE")
@@ -97,11 +103,53 @@ def parse_region(text: str) -> tuple[int, int]:
     except ValueError as exc:
         raise DeviceConfigError(f"bad shmid in {text!r}") from exc
     size = parse_size(size_text)
-    if not 0 <= shmid < 256:
-        raise DeviceConfigError(f"shmid {shmid} out of range 0..255")
-    if size <= 0 or size % PAGE_SIZE:
-        raise DeviceConfigError(f"region size {size:#x} is not a positive multiple of {PAGE_SIZE}")
+    if size == 0:
+        raise DeviceConfigError(f"shared memory region {shmid}: size 0 declares nothing")
     return shmid, size
+
+
+@dataclass(frozen=True)
+class StartMapping:
+    """One ``--map-at-start SHMID:OFFSET:LENGTH:PATTERN[:SEED]``."""
+
+    shmid: int
+    shm_offset: int
+    length: int
+    pattern: str
+    seed: int = 0
+
+
+def parse_start_mapping(text: str) -> StartMapping:
+    fields = text.split(":")
+    if len(fields) not in (4, 5):
+        raise DeviceConfigError(
+            f"--map-at-start {text!r} is not SHMID:OFFSET:LENGTH:PATTERN[:SEED]"
+        )
+    try:
+        shmid = int(fields[0], 0)
+        seed = int(fields[4], 0) if len(fields) == 5 else 0
+    except ValueError as exc:
+        raise DeviceConfigError(f"--map-at-start {text!r}: {exc}") from exc
+    try:
+        make_pattern(fields[3], 0, seed)
+    except ValueError as exc:
+        raise DeviceConfigError(f"--map-at-start {text!r}: {exc}") from exc
+    return StartMapping(shmid, parse_size(fields[1]), parse_size(fields[2]), fields[3], seed)
+
+
+def pattern_memfd(name: str, pattern: str, length: int, seed: int) -> int:
+    """A sealed memfd of ``length`` bytes holding the pattern: it can neither shrink under a
+    front-end's mapping (SIGBUS) nor grow."""
+    content = make_pattern(pattern, length, seed)
+    memfd = os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(memfd, length)
+        os.pwrite(memfd, content, 0)
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    except BaseException:
+        os.close(memfd)
+        raise
+    return memfd
 
 
 @dataclass
@@ -184,14 +232,8 @@ class ShmemRngDevice(VhostUserDevice):
         backend = self._require_backend()
         if length <= 0:
             raise ValueError("length must be positive")
-        content = make_pattern(pattern, length, seed)
-        memfd = os.memfd_create(f"vhost-shmem-{shmid}", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+        memfd = pattern_memfd(f"vhost-shmem-{shmid}", pattern, length, seed)
         try:
-            os.ftruncate(memfd, length)
-            os.pwrite(memfd, content, 0)
-            # Ours, so we seal it: a front-end that touches its mapping directly (QEMU) would
-            # get SIGBUS if it shrank under it.
-            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             backend.shmem_map(shmid, memfd, 0, shm_offset, length, writable=writable)
         except BaseException:
             os.close(memfd)
@@ -245,11 +287,21 @@ class ShmemRngDevice(VhostUserDevice):
                 for m in self.mappings.values()
             ]
         base = self.backend.status() if self.backend is not None else {"connected": False}
+        persistent = [
+            {
+                "shmid": m.shmid,
+                "shm_offset": m.shm_offset,
+                "length": m.length,
+                "writable": m.writable,
+            }
+            for m in (self.backend.persistent_mappings if self.backend is not None else [])
+        ]
         return {
             **base,
             "virtio_id": self.virtio_id,
             "shmem_regions": {str(i): s for i, s in enumerate(self.sizes) if s},
             "mappings": mappings,
+            "persistent": persistent,
         }
 
 
@@ -378,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--control-socket", help="JSON-lines control socket path")
     parser.add_argument(
+        "--map-at-start",
+        action="append",
+        default=[],
+        metavar="SHMID:OFFSET:LENGTH:PATTERN[:SEED]",
+        help="a read-only mapping the library keeps across resets (repeatable): mapped after "
+        "every RESET_DEVICE and whenever the queues start, until an unmap of that range",
+    )
+    parser.add_argument(
         "--serve-once",
         action="store_true",
         help="exit (status 0) once the first front-end has left, instead of waiting for the next",
@@ -392,16 +452,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         regions = [parse_region(r) for r in args.shmem_region or []] or [DEFAULT_REGION]
+        start_maps = [parse_start_mapping(m) for m in args.map_at_start]
         device = ShmemRngDevice(regions, virtio_id=args.virtio_id, rng_source=args.rng_source)
+        backend = VhostUserDaemon(
+            device,
+            args.socket_path,
+            shmem_feature_bit=args.shmem_feature_bit,
+            serve_once=args.serve_once,
+        )
+        device.backend = backend
+        for m in start_maps:
+            memfd = pattern_memfd(f"vhost-shmem-start-{m.shmid}", m.pattern, m.length, m.seed)
+            try:
+                backend.persistent_map(m.shmid, memfd, 0, m.shm_offset, m.length, writable=False)
+            finally:
+                os.close(memfd)  # the daemon keeps its own dup
     except DeviceConfigError as exc:
         print(f"vhost-device-shmem: {exc}", file=sys.stderr)
         return 2
-    backend = VhostUserDaemon(
-        device,
-        args.socket_path,
-        shmem_feature_bit=args.shmem_feature_bit,
-        serve_once=args.serve_once,
-    )
     server: ControlServer | None = None
     if args.control_socket:
         server = ControlServer(args.control_socket, lambda req: handle_command(device, req))
