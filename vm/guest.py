@@ -293,6 +293,13 @@ class Guest:
         self.returncode = self._proc.wait()
 
     @property
+    def pid(self) -> int:
+        """QEMU's process id (for /proc checks of what it maps)."""
+        if self._proc is None:
+            raise GuestError("the guest was never started")
+        return self._proc.pid
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

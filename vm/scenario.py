@@ -25,6 +25,7 @@ import json
 import logging
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from testkit import (
+    LISTENING_LINE,
     ControlClient,
     Process,
     ProcessGroup,
@@ -143,6 +145,42 @@ class VirtiofsdBackend:
 
     def native_device(self, chardev: str) -> str:
         return f"vhost-user-fs-pci,chardev={chardev},tag={self.tag}"
+
+
+@dataclass(frozen=True)
+class VirtiofsDaxBackend:
+    """Our virtio-fs back-end with a DAX window (``vhost-device-fs``), with its control socket.
+
+    Behind QEMU's own front-end it is a ``vhost-user-test-device-pci`` (virtio-id 26): QEMU asks
+    GET_SHMEM_CONFIG for the window and GET_CONFIG (``config_size``) for the tag.
+    """
+
+    shared_dir: Path
+    tag: str = "daxshare"
+    cache_size: int = 64 << 20
+    label: str = "vhost-device-fs"
+    virtio_id: int = 26
+    num_queues: int = 2  # hiprio + one request queue
+    config_size: int = 40  # struct virtio_fs_config: tag[36], num_request_queues
+
+    def start(self, sc: Scenario, socket_path: Path) -> Process:
+        argv = [
+            sys.executable, "-m", "vhost_user_backend.devices.virtiofs",
+            "--socket-path", str(socket_path),
+            "--shared-dir", str(self.shared_dir),
+            "--tag", self.tag,
+            "--cache-size", str(self.cache_size),
+            "--control-socket", str(socket_path.with_suffix(".ctl")),
+        ]  # fmt: skip
+        proc = sc.group.start(self.label, argv, socket_path=socket_path, log_file=True)
+        proc.wait_for_log(LISTENING_LINE + str(socket_path), timeout=START_TIMEOUT)
+        return proc
+
+    def native_device(self, chardev: str) -> str:
+        return (
+            f"vhost-user-test-device-pci,chardev={chardev},virtio-id={self.virtio_id},"
+            f"num_vqs={self.num_queues},config_size={self.config_size}"
+        )
 
 
 @dataclass(frozen=True)
@@ -347,7 +385,7 @@ class Scenario:
                 index=index,
             )  # fmt: skip
             device.vfio_socket = device.emulator.path
-        if isinstance(backend, ShmemBackend):
+        if isinstance(backend, ShmemBackend | VirtiofsDaxBackend):
             device.control = ControlClient(vhost_socket.with_suffix(".ctl"), CONTROL_TIMEOUT)
             self.group.callback(device.control.close)
         return device

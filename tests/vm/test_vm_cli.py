@@ -18,7 +18,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import tempfile
 import termios
 import time
@@ -28,32 +27,13 @@ from pathlib import Path
 import pytest
 
 from testkit import LISTENING_LINE, ProcessGroup, start_emulator, start_shmem_backend
+from tests.helpers.docs import BIN, readme_block, user_env, without_comment
 from vm.toolchain import Toolchain
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 240.0
 PROMPT = rb"root@vguest:~# "
 #: The reference device as ``vguest list`` prints it (virtio-rng, PCI id 0x1040 + 4).
 REFERENCE_DEVICE = b"1af4:1044 virtio id 4"
-
-
-def readme_block(marker: str) -> list[str]:
-    """The commands (not comments) of the code block right after the README line ``marker``."""
-    lines = (ROOT / "README.md").read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if marker in line)
-    assert lines[start + 1].startswith("```"), f"no code block after {marker!r}"
-    end = lines.index("```", start + 2)
-    return [ln for ln in lines[start + 2 : end] if ln.strip() and not ln.startswith("#")]
-
-
-def without_comment(line: str) -> str:
-    return line.split("  #", 1)[0].strip()
-
-
-def user_env() -> dict[str, str]:
-    """A user's shell with the venv's commands on PATH."""
-    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
 
 
 def printed_qemu_line(stderr: str) -> str:

@@ -824,12 +824,26 @@ class FuseServer:
         node = handle.node if handle is not None and not handle.directory else None
         node = node or self._node(header.nodeid)
         writable = bool(args.flags & SetupMappingFlag.WRITE)
-        fd = self._reopen(node, os.O_RDWR if writable else os.O_RDONLY)
+        fd = self._mapping_fd(node, writable)
         try:
             self.window.setup(fd, node.key, args.foffset, args.len, args.moffset, writable=writable)
         finally:
             os.close(fd)
         return b""
+
+    def _mapping_fd(self, node: Node, writable: bool) -> int:
+        """The fd a SHMEM_MAP sends: read-write whenever the file allows it, even for a read map.
+
+        QEMU 11.1 maps every SHMEM_MAP read-write (a known defect), so an ``O_RDONLY`` fd makes
+        its mmap fail with EACCES, after which it drops the back-end. The requested protection
+        still travels in the map's flags, and our emulator maps a read map read-only.
+        """
+        try:
+            return self._reopen(node, os.O_RDWR)
+        except PermissionError:
+            if writable:
+                raise
+            return self._reopen(node, os.O_RDONLY)
 
     def _removemapping(self, header: InHeader, body: bytes) -> bytes:
         args, rest = _take(RemoveMappingIn, body)
