@@ -2,10 +2,11 @@
 
 Needs only the guest tools (``vguest``, in ``/opt/vguest`` on the guest image); the project is
 not in the guest, so pass the file's text: ``virtio-emu-vm --vhost-user FB.sock --vhost-user
-DB.sock -- env PYTHONPATH=/opt/vguest python3 -c "$(cat .../examples/guest_read.py)"``. Prints one JSON line
-per device found: the framebuffer's header and its frame counter read twice, half a second
-apart; the doorbell rung once through ``/dev/hwrng`` and the ring's record for the head it
-answered. Every read of shared memory is an exact-width load through the BAR (``vguest.mmio``).
+DB.sock -- env PYTHONPATH=/opt/vguest python3 -c "$(cat .../examples/guest_read.py)"``.
+Prints one JSON line per device found: the framebuffer's header and its frame counter read
+twice, half a second apart; the doorbell rung once through ``/dev/hwrng`` and the ring's
+record for the head it answered. Every read of shared memory is an exact-width load through
+the BAR (``vguest.mmio``).
 """
 
 from __future__ import annotations
