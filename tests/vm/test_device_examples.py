@@ -1,5 +1,5 @@
-"""The device kit's examples in one real guest: both back-ends started as their docstrings say,
-``virtio-emu-vm`` with one ``--vhost-user`` each, and the examples' guest script
+"""The device kit's examples in one real guest, run as README's "Device kit" block says: both
+back-ends, ``virtio-emu-vm`` with one ``--vhost-user`` each, and the examples' guest script
 (``examples/guest_read.py``, vguest only) reading the framebuffer's header and a frame counter
 that moves, and ringing the doorbell through ``/dev/hwrng`` (the kernel's virtio_rng driver
 puts the buffer on the queue) and finding the record the answer names.
@@ -8,6 +8,7 @@ puts the buffer on the queue) and finding the record the answer names.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,41 +16,31 @@ from pathlib import Path
 import pytest
 
 from testkit import LISTENING_LINE, ProcessGroup
-from tests.helpers.docs import BIN, ROOT, user_env
+from tests.helpers.docs import ROOT, readme_block, user_env, without_comment
 from vm.toolchain import Toolchain
 
 RUN_TIMEOUT = 240.0
-EXAMPLES = ROOT / "vhost_user_backend" / "devices" / "examples"
 
 
 @pytest.mark.vm
 def test_one_guest_reads_the_framebuffer_and_rings_the_doorbell(
     toolchain: Toolchain, tmp_path: Path
 ) -> None:
+    commands = readme_block("tests/vm/test_device_examples.py runs the commands of this block")
+    *starts, guest = [without_comment(c).replace("/tmp/", f"{tmp_path}/") for c in commands]
     group = ProcessGroup(tmp_path)
     with group.running():
-        sockets = {}
-        for name in ("framebuffer", "doorbell"):
-            path = tmp_path / f"{name}.sock"
-            module = f"vhost_user_backend.devices.examples.{name}"
-            argv = [sys.executable, "-m", module, "--socket-path", str(path)]
-            group.start(name, argv, socket_path=path).wait_for_log(LISTENING_LINE + str(path))
-            sockets[name] = path
-        script = (EXAMPLES / "guest_read.py").read_text()
+        for index, line in enumerate(starts):
+            assert line.endswith("&"), line
+            argv = shlex.split(line.removesuffix("&"))
+            assert argv[0] == "python"
+            path = Path(argv[argv.index("--socket-path") + 1])
+            started = group.start(f"example{index}", [sys.executable, *argv[1:]], socket_path=path)
+            started.wait_for_log(LISTENING_LINE + str(path))
         proc = subprocess.run(
-            [
-                str(BIN / "virtio-emu-vm"),
-                "--vhost-user",
-                str(sockets["framebuffer"]),
-                "--vhost-user",
-                str(sockets["doorbell"]),
-                "--",
-                "env",
-                "PYTHONPATH=/opt/vguest",
-                "python3",
-                "-c",
-                script,
-            ],
+            guest,
+            shell=True,
+            cwd=ROOT,
             capture_output=True,
             env=user_env(),
             timeout=RUN_TIMEOUT,
