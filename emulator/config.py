@@ -22,3 +22,4 @@ class EmulatorConfig:
     backend_timeout: float = 5.0
     max_mappings: int | None = None
     max_mappings_per_region: int = 65536
+    monitor_socket: Path | None = None

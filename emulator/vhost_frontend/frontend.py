@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from emulator.config import EmulatorConfig
+from emulator.counters import Counters
 from emulator.errors import ANY_ERROR, BackendFailure
 from emulator.loop import EventLoop
 from emulator.memory import GuestMemory
@@ -68,7 +69,13 @@ class VhostUserFrontend:
     vhost-user back-end."""
 
     def __init__(
-        self, config: EmulatorConfig, loop: EventLoop, memory: GuestMemory, tracer: Tracer
+        self,
+        config: EmulatorConfig,
+        loop: EventLoop,
+        memory: GuestMemory,
+        tracer: Tracer,
+        *,
+        counters: Counters | None = None,
     ) -> None:
         assert config.vhost_user_socket is not None
         self.loop = loop
@@ -86,6 +93,7 @@ class VhostUserFrontend:
             shmem_mask=shmem_feature(config.shmem_feature_bit),
             handler=self,
             on_lost=self._backend_lost,
+            counters=counters,
         )
         self._device: TransportDevice | None = None
         self._shmem: SharedMemoryBar | None = None
