@@ -104,7 +104,7 @@ class Emulator:
                 counters=self.counters,
                 started=self.started,
             )
-            self.monitor = MonitorServer(config.monitor_socket, self.loop, commands)
+            self.monitor = MonitorServer(config.monitor_socket, self.loop, commands.table)
             self._stack.callback(self.monitor.close)
 
     def run(self) -> None:

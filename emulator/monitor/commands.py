@@ -137,7 +137,7 @@ class MonitorCommands:
         }
 
     def query_mappings(self, args: Arguments) -> dict[str, Any]:
-        regions: Iterable[SharedMemoryRegion] = self.shmem.regions if self.shmem else ()
+        regions: Iterable[SharedMemoryRegion] = self.shmem.regions if self.shmem is not None else ()
         if "shmid" in args:
             regions = (self._region(args["shmid"]),)
         return {

@@ -22,11 +22,12 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from emulator.loop import EventLoop
-from emulator.monitor.commands import Command, MonitorCommands
+from emulator.monitor.commands import Command
 from emulator.monitor.protocol import (
     GREETING_KEY,
     MAX_LINE,
@@ -59,9 +60,10 @@ class _Client:
 
 
 class MonitorServer:
-    """Serves ``commands`` on the UNIX socket ``path`` from ``loop``."""
+    """Serves ``commands`` (``MonitorCommands.table``: name -> command) on the UNIX socket
+    ``path`` from ``loop``."""
 
-    def __init__(self, path: Path, loop: EventLoop, commands: MonitorCommands) -> None:
+    def __init__(self, path: Path, loop: EventLoop, commands: Mapping[str, Command]) -> None:
         self.path = path
         self.loop = loop
         self.commands = commands
@@ -72,7 +74,7 @@ class MonitorServer:
             GREETING_KEY: {
                 "version": VERSION,
                 "protocol": PROTOCOL_VERSION,
-                "commands": sorted(commands.table),
+                "commands": sorted(commands),
             }
         }
         self._greeting = _line(greeting)
@@ -215,7 +217,7 @@ class MonitorServer:
             name = request.get("execute")
             if not isinstance(name, str):
                 raise MonitorError(ErrorClass.INVALID_REQUEST, "'execute' must name a command")
-            command = self.commands.table.get(name)
+            command = self.commands.get(name)
             if command is None:
                 raise MonitorError(ErrorClass.COMMAND_NOT_FOUND, f"no command {name!r}")
             arguments = request.get("arguments", {})
