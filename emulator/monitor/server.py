@@ -70,17 +70,12 @@ class MonitorServer:
         self._listener: socket.socket | None = None
         self._clients: dict[int, _Client] = {}
         self._accepted = 0
-        greeting = {
-            GREETING_KEY: {
-                "version": VERSION,
-                "protocol": PROTOCOL_VERSION,
-                "commands": sorted(commands),
-            }
-        }
-        self._greeting = _line(greeting)
+        self._greeting = b""
 
     def listen(self) -> None:
         """Bind ``path`` owner-only (replacing a stale socket) and start accepting."""
+        info = {"version": VERSION, "protocol": PROTOCOL_VERSION, "commands": sorted(self.commands)}
+        self._greeting = _line({GREETING_KEY: info})
         with contextlib.suppress(FileNotFoundError):
             if self.path.is_socket():
                 self.path.unlink()
