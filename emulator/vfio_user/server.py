@@ -250,13 +250,14 @@ class VfioUserServer:
 
     def _process_buffered(self) -> None:
         decoder = self._decoder
+        received, sent = self._received, self._sent
         while decoder is not None and decoder is self._decoder:
             try:
                 message = decoder.next_message()
             except DecodeError as exc:
                 raw_reply = None if exc.fatal else error_reply_for(exc)
                 name = f"invalid:{_command_name(exc.request)}"
-                self._received[name] += 1
+                received[name] += 1
                 if self._observed:
                     self._observe_refused(exc, raw_reply)
                 if exc.fatal:
@@ -264,17 +265,18 @@ class VfioUserServer:
                 logger.warning("bad vfio-user message: %s", exc)
                 if raw_reply is not None:
                     self._send_raw(raw_reply)
-                    self._sent[name] += 1
+                    sent[name] += 1
                 continue
             if message is None:
                 return
-            self._received[message.command] += 1
+            command = message.command
+            received[command] += 1
             if self._observed:
                 self._observe(message, "in", message.size)
             reply = self._handle(message)
             if reply is not None:
                 self._send(reply)
-                self._sent[message.command] += 1
+                sent[command] += 1
 
     def _handle(self, message: Message) -> Reply:
         """Run the handler; turn refusals into error replies. Closes unclaimed fds."""
