@@ -2,18 +2,23 @@
 
 Start-up order matters: the shared-memory BAR's size is fixed once a client has read the
 config space, so the back-end (which declares the regions with GET_SHMEM_CONFIG) is asked
-first, and only then does the vfio-user socket start listening.
+first, and only then does the vfio-user socket start listening. The monitor socket listens
+just before it, so it is there once the ready line is logged.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import time
 from contextlib import ExitStack
 
 from emulator.config import EmulatorConfig
+from emulator.counters import Counters
 from emulator.loop import EventLoop
 from emulator.memory import GuestMemory
+from emulator.monitor.commands import MonitorCommands
+from emulator.monitor.server import MonitorServer
 from emulator.pci.virtio_pci import VirtioPciDevice
 from emulator.shmem import SharedMemoryBar, ShmemLayout
 from emulator.trace import Tracer
@@ -30,6 +35,8 @@ class Emulator:
 
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
+        self.started = time.monotonic()
+        self.counters = Counters()
         self._stack = ExitStack()
         self.loop = EventLoop()
         self._stack.callback(self.loop.close)
@@ -48,7 +55,9 @@ class Emulator:
         self.frontend: VhostUserFrontend | None = None
         sizes = dict(config.shmem_regions)
         if config.vhost_user_socket is not None:
-            self.frontend = VhostUserFrontend(config, self.loop, self.memory, self.tracer)
+            self.frontend = VhostUserFrontend(
+                config, self.loop, self.memory, self.tracer, counters=self.counters
+            )
             self._stack.callback(self.frontend.close)
             self.frontend.connect_blocking()
             if not sizes:
@@ -77,11 +86,30 @@ class Emulator:
         if self.frontend is not None:
             self.frontend.attach(self.device, self.shmem)
         self.server = VfioUserServer(
-            config.vfio_user_socket, self.device, self.memory, self.loop, self.tracer
+            config.vfio_user_socket,
+            self.device,
+            self.memory,
+            self.loop,
+            self.tracer,
+            counters=self.counters,
         )
         self._stack.callback(self.server.close)
+        self.monitor: MonitorServer | None = None
+        if config.monitor_socket is not None:
+            commands = MonitorCommands(
+                device=self.device,
+                server=self.server,
+                shmem=self.shmem,
+                frontend=self.frontend,
+                counters=self.counters,
+                started=self.started,
+            )
+            self.monitor = MonitorServer(config.monitor_socket, self.loop, commands.table)
+            self._stack.callback(self.monitor.close)
 
     def run(self) -> None:
+        if self.monitor is not None:
+            self.monitor.listen()
         self.server.listen()
         self.loop.stop_on_signals(signal.SIGTERM, signal.SIGINT)
         self.loop.run()

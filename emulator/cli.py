@@ -3,11 +3,13 @@
 Option names mirror the properties of QEMU's ``vhost-user-test-device`` so a user can move a
 back-end between QEMU's own front-end and this one without relearning anything.
 
-``virtio-emu trace FILE ...`` reads a ``--trace`` file (``emulator.trace_reader``). It is
-dispatched on the first word before the emulator's parser runs, not as an argparse subcommand:
+``virtio-emu trace FILE ...`` reads a ``--trace`` file (``emulator.trace_reader``) and
+``virtio-emu monitor PATH COMMAND ...`` talks to a ``--monitor-socket``
+(``emulator.monitor.cli``). Each is dispatched on the first word before the emulator's parser
+runs, not as an argparse subcommand:
 the emulator's options stay top-level and required, every existing invocation is parsed exactly
 as before (a subparser would demand a command or make the required options conditional), and
-the reader keeps its own small parser and ``--help``.
+each keeps its own small parser and ``--help``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from emulator import trace_reader
 from emulator.app import run
 from emulator.config import EmulatorConfig
 from emulator.errors import ANY_ERROR, ConfigError
+from emulator.monitor import cli as monitor_cli
 from vhost_user.messages import (
     SHMEM_FEATURE_BIT_DRAFT,
     SHMEM_FEATURE_BIT_RUST_VMM,
@@ -66,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="A virtio 1.x PCI device over vfio-user, fronting a vhost-user back-end, "
         "with guest-visible shared-memory regions.",
         epilog="virtio-emu trace FILE [--socket NAME] [--type NAME] [--follow] [--json]: "
-        "show a --trace file as a timeline (see virtio-emu trace --help).",
+        "show a --trace file as a timeline (see virtio-emu trace --help). "
+        "virtio-emu monitor PATH COMMAND [NAME=VALUE...]: ask a --monitor-socket "
+        "(see virtio-emu monitor --help).",
     )
     parser.add_argument(
         "--vfio-user-socket",
@@ -143,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap on live mappings in one region (default 65536)",
     )
     parser.add_argument(
+        "--monitor-socket",
+        type=Path,
+        metavar="PATH",
+        help="answer monitor commands (JSON lines, mode 0600) on this socket; "
+        "see virtio-emu monitor --help",
+    )
+    parser.add_argument(
         "--trace",
         type=Path,
         metavar="FILE",
@@ -195,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         backend_connect_timeout=args.backend_connect_timeout,
         max_mappings=args.max_mappings,
         max_mappings_per_region=args.max_mappings_per_region,
+        monitor_socket=args.monitor_socket,
     )
 
 
@@ -202,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["trace"]:
         return trace_reader.main(argv[1:])
+    if argv[:1] == ["monitor"]:
+        return monitor_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -24,3 +24,4 @@ class EmulatorConfig:
     backend_connect_timeout: float | None = None
     max_mappings: int | None = None
     max_mappings_per_region: int = 65536
+    monitor_socket: Path | None = None

@@ -7,6 +7,7 @@
      +-- BackendFailure         the vhost-user back-end refused, answered wrongly or went away
      +-- ShmemError             (emulator.shmem) a shared-memory BAR operation failed
      +-- VfioUserError          (emulator.vfio_user.client) our test client's failures
+     +-- MonitorError           (emulator.monitor) a monitor request refused, by class
 
 Code that must survive anything a peer does catches ``ANY_ERROR`` (both roots).
 """

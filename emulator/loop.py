@@ -44,10 +44,24 @@ class EventLoop:
         self._epoll.register(fd, select.EPOLLIN)
         self._callbacks[fd] = callback
 
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        """Call ``callback`` when ``fd`` can be written (or has failed).
+
+        An fd has one callback, reader or writer: a socket with output waiting stops being read
+        (``remove_reader``, then ``add_writer``) until the output is gone, which is the
+        back-pressure the monitor wants, and the wake-up path stays one lookup per ready fd.
+        """
+        if fd in self._callbacks:
+            raise KeyError(f"fd {fd} already has a callback")
+        self._epoll.register(fd, select.EPOLLOUT)
+        self._callbacks[fd] = callback
+
     def remove_reader(self, fd: int) -> None:
         if self._callbacks.pop(fd, None) is not None:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
+
+    remove_writer = remove_reader
 
     def call_later(self, delay: float, callback: Callback) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._sequence), callback))

@@ -456,6 +456,12 @@ class VirtioPciDevice:
         self.config.reset()
         self._reset_msix_table()
 
+    def driver_reset(self) -> None:
+        """What the driver's write of 0 to device_status does (the monitor's ``device-reset``):
+        the ``VirtioDevice`` is deactivated and reset (the vhost-user front-end resets its
+        back-end and drops the shared-memory mappings); config space and MSI-X table stay."""
+        self._reset_virtio()
+
     def close(self) -> None:
         """Close the interrupt eventfds this device holds (``msix``, ``intx``). Idempotent.
 
@@ -704,7 +710,7 @@ class VirtioPciDevice:
     def _write_status(self, value: int) -> None:
         if value == 0:
             logger.info("driver reset the device")
-            self._reset_virtio()
+            self.driver_reset()
             return
         was_active = self.state.active
         self.state.write_status(value)

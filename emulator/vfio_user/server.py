@@ -12,6 +12,8 @@ record are observers at the I/O boundary (``_observe``), switched by one boolean
 wake-up, so what is debugged is what runs. A guest BAR access stays cheap without a path of
 its own: the codec decodes and encodes region accesses with precomputed structs, and the
 access checks use per-region tables built once (measured with ``python -m bench --only fig3``).
+The monitor's counters are not observers: they are always on, a dict increment per message in
+``_process_buffered`` and a list increment per access in the region handlers (``counters``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from emulator.counters import Counters
 from emulator.loop import EventLoop
 from emulator.memory import GuestMemory
 from emulator.pci.device import (
@@ -50,6 +53,8 @@ from wire.unix import close_fds, recv_with_fds, send_with_fds, set_send_timeout
 
 logger = logging.getLogger(__name__)
 
+#: This socket's name in the trace and in the monitor's counters.
+TRACE_CHANNEL = "vfio-user"
 #: Logged (followed by the socket path) once the socket accepts a client; launchers wait for it.
 READY_LINE = "ready: listening for a vfio-user client on "
 
@@ -94,12 +99,20 @@ class VfioUserServer:
         memory: GuestMemory,
         loop: EventLoop,
         tracer: Tracer | None = None,
+        *,
+        counters: Counters | None = None,
     ) -> None:
         self.path = path
         self.device = device
         self.memory = memory
         self.loop = loop
         self.tracer = tracer or Tracer(None)
+        self.counters = counters or Counters()
+        counts = self.counters.messages(TRACE_CHANNEL)
+        self._received, self._sent = counts.received, counts.sent
+        bar = self.counters.bar
+        self._reads, self._read_bytes = bar.reads, bar.read_bytes
+        self._writes, self._write_bytes = bar.writes, bar.write_bytes
         self.clients_served = 0
         self._listener: socket.socket | None = None
         self._client: socket.socket | None = None
@@ -237,11 +250,14 @@ class VfioUserServer:
 
     def _process_buffered(self) -> None:
         decoder = self._decoder
+        received, sent = self._received, self._sent
         while decoder is not None and decoder is self._decoder:
             try:
                 message = decoder.next_message()
             except DecodeError as exc:
                 raw_reply = None if exc.fatal else error_reply_for(exc)
+                name = f"invalid:{_command_name(exc.request)}"
+                received[name] += 1
                 if self._observed:
                     self._observe_refused(exc, raw_reply)
                 if exc.fatal:
@@ -249,14 +265,18 @@ class VfioUserServer:
                 logger.warning("bad vfio-user message: %s", exc)
                 if raw_reply is not None:
                     self._send_raw(raw_reply)
+                    sent[name] += 1
                 continue
             if message is None:
                 return
+            command = message.command
+            received[command] += 1
             if self._observed:
                 self._observe(message, "in", message.size)
             reply = self._handle(message)
             if reply is not None:
                 self._send(reply)
+                sent[command] += 1
 
     def _handle(self, message: Message) -> Reply:
         """Run the handler; turn refusals into error replies. Closes unclaimed fds."""
@@ -315,7 +335,7 @@ class VfioUserServer:
             )
         if self.tracer.enabled:
             self.tracer.record(
-                "vfio-user",
+                TRACE_CHANNEL,
                 direction,
                 message.command.name,
                 msg_id=message.msg_id,
@@ -328,10 +348,7 @@ class VfioUserServer:
     def _observe_refused(self, exc: DecodeError, raw_reply: bytes | None) -> None:
         """A message the codec refused (its raw header, fd count and why, framing errors
         included), and the error reply it gets (if one is due)."""
-        try:
-            command = m.Command(exc.request).name if exc.request is not None else "?"
-        except ValueError:
-            command = str(exc.request)
+        command = _command_name(exc.request)
         name, msg_id, err = f"invalid:{command}", exc.msg_id, exc.errno
         debug = logger.isEnabledFor(logging.DEBUG)
         if debug:
@@ -347,14 +364,14 @@ class VfioUserServer:
                 exc,
             )
         if self.tracer.enabled:
-            self.tracer.record_refused("vfio-user", command, exc, size=exc.size)
+            self.tracer.record_refused(TRACE_CHANNEL, command, exc, size=exc.size)
         if raw_reply is None:
             return
         if debug:
             logger.debug("<-- %s id=%s size=%d nfds=0 error=%d", name, msg_id, len(raw_reply), err)
         if self.tracer.enabled:
             size = len(raw_reply)
-            self.tracer.record("vfio-user", "out", name, msg_id=msg_id, size=size, error=err)
+            self.tracer.record(TRACE_CHANNEL, "out", name, msg_id=msg_id, size=size, error=err)
 
     # -- handlers: one per command -----------------------------------------------------------
 
@@ -489,13 +506,19 @@ class VfioUserServer:
     def _region_read(self, message: Message) -> bytes:
         access = _payload(message, m.RegionAccess)
         self._check_access(access, self._readable, _READ)
-        data = self.device.region_read(access.region, access.offset, access.count)
+        region = access.region
+        data = self.device.region_read(region, access.offset, access.count)
+        self._reads[region] += 1
+        self._read_bytes[region] += access.count
         return region_reply(message, access.offset, access.region, len(data), data)
 
     def _region_write(self, message: Message) -> bytes | None:
         access = _payload(message, m.RegionAccess)
         self._check_access(access, self._writable, _WRITE)
-        self.device.region_write(access.region, access.offset, access.data)
+        region = access.region
+        self.device.region_write(region, access.offset, access.data)
+        self._writes[region] += 1
+        self._write_bytes[region] += access.count
         if not message.reply_expected:  # a posted write: nothing to build
             return None
         return region_reply(message, access.offset, access.region, access.count, b"")
@@ -506,6 +529,8 @@ class VfioUserServer:
             self._check_access(access, self._writable, _WRITE)
         for access in request.writes:
             self.device.region_write(access.region, access.offset, access.data)
+            self._writes[access.region] += 1
+            self._write_bytes[access.region] += access.count
         return message.reply(m.RegionWriteMultiReply(len(request.writes)))
 
     def _device_reset(self, message: Message) -> Message:
@@ -535,6 +560,17 @@ class VfioUserServer:
                 f"access {access.offset:#x}+{access.count} outside region {access.region} "
                 f"of {info.size:#x} bytes"
             )
+
+
+def _command_name(request: int | None) -> str:
+    """A refused message's command as the trace names it: the enum name, the raw number, or
+    ``?`` when the header was not even read."""
+    if request is None:
+        return "?"
+    try:
+        return m.Command(request).name
+    except ValueError:
+        return str(request)
 
 
 def _decode_reply(data: bytes) -> Message:

@@ -27,7 +27,8 @@ channel, nothing else. While it waits:
   memory and waits for our status before it answers us cannot deadlock us;
 - not served: the vfio-user socket (every other guest access, from any vCPU, including BAR 4
   reads that need no back-end at all), loop timers (reconnect attempts), the relay of call fds
-  for vectors without an MSI-X eventfd, and a SIGTERM's stop (taken when the wait ends).
+  for vectors without an MSI-X eventfd, the monitor socket, and a SIGTERM's stop (taken when
+  the wait ends).
   Interrupts through MSI-X eventfds do not pass through us and are not delayed.
 
 Each wait lasts at most ``--backend-timeout`` seconds (``config.backend_timeout``). A wait

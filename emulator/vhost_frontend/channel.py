@@ -10,7 +10,9 @@ refused it. The handler does no I/O and this module does no mapping:
 - SHMEM_UNMAP -> ``handler.shared_memory.unmap(shmid, shm_offset, length)``;
 - CONFIG_CHANGE_MSG -> ``handler.config_changed()``;
 - anything else, or SHMEM_* without negotiated shared memory -> ENOTSUP; an undecodable
-  request -> the codec's errno (the reply is built from the raw request number).
+  request -> the codec's errno (the stream builds the reply from the raw request number).
+
+Every refusal is counted by reason for the monitor (``emulator.counters``).
 
 Hostile input never raises out of ``serve``: refusals are statuses, a lost framing or a dead
 socket drops the whole back-end connection (``on_lost``), and a flood is served at most
@@ -25,15 +27,14 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
+from emulator.counters import INVALID, UNSUPPORTED, Counters
 from emulator.loop import EventLoop
 from emulator.shmem import MappingRefused
 from emulator.trace import Tracer
 from emulator.vhost_frontend.stream import MessageStream
-from vhost_user.codec import Channel, VhostUserHeader, VhostUserMessage, reply_to
+from vhost_user.codec import Channel, VhostUserMessage, reply_to
 from vhost_user.messages import (
-    VHOST_USER_VERSION,
     BackendReq,
-    VhostUserHeaderFlag,
     VhostUserMMap,
     VhostUserMMapFlag,
     VhostUserU64,
@@ -92,10 +93,19 @@ class BackendChannel:
         tracer: Tracer,
         handler: ChannelHandler,
         on_lost: Callable[[str], None],
+        *,
+        counters: Counters | None = None,
     ) -> None:
+        counters = counters or Counters()
         self._stream: MessageStream | None = MessageStream(
-            sock, Channel.BACKEND, expect_replies=False, tracer=tracer, log=logger
+            sock,
+            Channel.BACKEND,
+            expect_replies=False,
+            tracer=tracer,
+            log=logger,
+            counters=counters,
         )
+        self._refusals = counters.refusals
         self._loop = loop
         self._handler = handler
         self._on_lost = on_lost
@@ -143,8 +153,9 @@ class BackendChannel:
                 if exc.fatal:
                     raise
                 logger.warning("back-end sent an invalid request: %s", exc)
+                self._refusals[INVALID] += 1
                 if exc.reply_expected and exc.request is not None:
-                    _reply_rejected(stream, exc.request, exc.errno)
+                    stream.send_rejection(exc.request, exc.errno)
 
     def _serve(self, stream: MessageStream, message: VhostUserMessage) -> None:
         with message:
@@ -155,6 +166,7 @@ class BackendChannel:
                 log = logger.info if isinstance(exc, MappingRefused) else logger.warning
                 log("refused %s: %s", message.request.name, exc)
                 status = exc.errno or errno.EINVAL
+                self._refusals[_refusal_reason(exc)] += 1
             if message.need_reply:
                 stream.send(reply_to(message, VhostUserU64(status)))
 
@@ -188,11 +200,9 @@ class BackendChannel:
         )
 
 
-def _reply_rejected(stream: MessageStream, request_id: int, status: int) -> None:
-    """Answer a request the codec refused. Its number may be one no enum knows (or 0) and the
-    back-end still waits for the reply it asked for, so the bytes are built here."""
-    flags = VHOST_USER_VERSION | VhostUserHeaderFlag.REPLY
-    body = VhostUserU64(status or errno.EINVAL).pack()
-    data = VhostUserHeader(request_id, flags, len(body)).pack() + body
-    stream.log.debug("<-- %d reply size=%d nfds=0", request_id, len(data))
-    stream.send_bytes(data)
+def _refusal_reason(exc: RemoteProtocolError) -> str:
+    """The counter a refusal goes to: the BAR's reason, or whether the request was not served
+    at all or malformed (``emulator.counters``)."""
+    if isinstance(exc, MappingRefused):
+        return exc.reason.value
+    return UNSUPPORTED if exc.errno == errno.ENOTSUP else INVALID

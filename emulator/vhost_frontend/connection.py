@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from emulator.counters import Counters
 from emulator.errors import ANY_ERROR, BackendFailure, ConfigError
 from emulator.loop import EventLoop
 from emulator.shmem import ShmemLayout
@@ -85,8 +86,10 @@ class BackendConnection:
         shmem_mask: int,
         handler: ChannelHandler,
         on_lost: Callable[[], None],
+        counters: Counters | None = None,
     ) -> None:
         self.path = path
+        self.counters = counters or Counters()
         self.loop = loop
         self.tracer = tracer
         self.timeout = timeout
@@ -179,7 +182,12 @@ class BackendConnection:
             sock.close()
             raise
         self._stream = MessageStream(
-            sock, Channel.FRONTEND, expect_replies=True, tracer=self.tracer, log=logger
+            sock,
+            Channel.FRONTEND,
+            expect_replies=True,
+            tracer=self.tracer,
+            log=logger,
+            counters=self.counters,
         )
         try:
             self._negotiate()
@@ -256,7 +264,9 @@ class BackendConnection:
             theirs.close()
         # Blocking sends bounded by SO_SNDTIMEO, MSG_DONTWAIT receives: no fcntl per reply.
         set_send_timeout(ours, self.timeout)
-        self._channel = BackendChannel(ours, self.loop, self.tracer, self._handler, self.disconnect)
+        self._channel = BackendChannel(
+            ours, self.loop, self.tracer, self._handler, self.disconnect, counters=self.counters
+        )
 
     def _schedule_reconnect(self) -> None:
         if not self._reconnect_pending and not self._closed:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from emulator.config import EmulatorConfig
+from emulator.counters import Counters
 from emulator.errors import ANY_ERROR, BackendFailure
 from emulator.loop import EventLoop
 from emulator.memory import GuestMemory
@@ -70,7 +71,13 @@ class VhostUserFrontend:
     vhost-user back-end."""
 
     def __init__(
-        self, config: EmulatorConfig, loop: EventLoop, memory: GuestMemory, tracer: Tracer
+        self,
+        config: EmulatorConfig,
+        loop: EventLoop,
+        memory: GuestMemory,
+        tracer: Tracer,
+        *,
+        counters: Counters | None = None,
     ) -> None:
         assert config.vhost_user_socket is not None
         self.loop = loop
@@ -89,6 +96,7 @@ class VhostUserFrontend:
             shmem_mask=shmem_feature(config.shmem_feature_bit),
             handler=self,
             on_lost=self._backend_lost,
+            counters=counters,
         )
         self._device: TransportDevice | None = None
         self._shmem: SharedMemoryBar | None = None

@@ -5,18 +5,34 @@ so this is where the one DEBUG line per message is written (``--> NAME size=.. n
 message in, ``<-- NAME ...`` for one out, on the room's logger) and the ``--trace`` record
 (channel ``vhost-user-frontend`` or ``vhost-user-backend``). A message the codec refuses is
 recorded here too, before the caller sees the error: its raw header, fd count and the reason
-(a refused reply is what a user debugging a back-end most needs to see). The stream knows
-nothing of the event loop, of waiting, or of what a message means.
+(a refused reply is what a user debugging a back-end most needs to see). The monitor's message
+counters are incremented here as well (always on: one dict increment per message). The stream
+knows nothing of the event loop, of waiting, or of what a message means.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 
+from emulator.counters import Counters
 from emulator.trace import Tracer
-from vhost_user.codec import HEADER_SIZE, Channel, VhostUserDecoder, VhostUserMessage, encode
-from vhost_user.messages import BackendReq, FrontendReq
+from vhost_user.codec import (
+    HEADER_SIZE,
+    Channel,
+    VhostUserDecoder,
+    VhostUserHeader,
+    VhostUserMessage,
+    encode,
+)
+from vhost_user.messages import (
+    VHOST_USER_VERSION,
+    BackendReq,
+    FrontendReq,
+    VhostUserHeaderFlag,
+    VhostUserU64,
+)
 from wire.errors import DecodeError, TransportError
 from wire.unix import close_fds, recv_with_fds, send_with_fds
 
@@ -32,12 +48,15 @@ class MessageStream:
         expect_replies: bool,
         tracer: Tracer,
         log: logging.Logger,
+        counters: Counters | None = None,
     ) -> None:
         self.sock = sock
         self.decoder = VhostUserDecoder(channel, expect_replies=expect_replies)
         self.tracer = tracer
         self.log = log
         self._trace_channel = f"vhost-user-{channel.value}"
+        counts = (counters or Counters()).messages(self._trace_channel)
+        self._received, self._sent = counts.received, counts.sent
         self._requests: type[FrontendReq] | type[BackendReq] = (
             FrontendReq if channel is Channel.FRONTEND else BackendReq
         )
@@ -88,6 +107,7 @@ class MessageStream:
             raise
         if message is None:
             return None
+        self._received[message.request] += 1
         self._log("-->", message, None)
         if self.tracer.enabled:
             self.tracer.record(
@@ -100,11 +120,9 @@ class MessageStream:
         return message
 
     def _record_refused(self, exc: DecodeError) -> None:
-        """The DEBUG line and trace record of a message the decoder refused."""
-        try:
-            name = self._requests(exc.request).name if exc.request is not None else "?"
-        except ValueError:
-            name = str(exc.request)
+        """The DEBUG line, trace record and count of a message the decoder refused."""
+        name = self._request_name(exc.request)
+        self._received[f"invalid:{name}"] += 1
         size = None if exc.size is None else HEADER_SIZE + exc.size
         if self.log.isEnabledFor(logging.DEBUG):
             flags = "?" if exc.flags is None else f"{exc.flags:#x}"
@@ -113,6 +131,14 @@ class MessageStream:
             )
         if self.tracer.enabled:
             self.tracer.record_refused(self._trace_channel, name, exc, size=size)
+
+    def _request_name(self, request: int | None) -> str:
+        if request is None:
+            return "?"
+        try:
+            return self._requests(request).name
+        except ValueError:
+            return str(request)
 
     # -- out -------------------------------------------------------------------------------
 
@@ -132,10 +158,21 @@ class MessageStream:
                 nfds=len(fds),
                 payload=message.payload,
             )
-        self.send_bytes(data, fds)
+        self._send_bytes(data, fds)
+        self._sent[message.request] += 1
 
-    def send_bytes(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
-        """Send bytes already encoded (the caller logs them); raises ``TransportError``."""
+    def send_rejection(self, request: int, status: int) -> None:
+        """Answer a request the codec refused with ``status`` (EINVAL if 0). Its number may be
+        one no enum knows (or 0) and the peer still waits for the reply it asked for, so the
+        bytes are built here; counted as ``invalid:NAME``. Raises ``TransportError``."""
+        flags = VHOST_USER_VERSION | VhostUserHeaderFlag.REPLY
+        body = VhostUserU64(status or errno.EINVAL).pack()
+        data = VhostUserHeader(request, flags, len(body)).pack() + body
+        self.log.debug("<-- %d reply size=%d nfds=0", request, len(data))
+        self._send_bytes(data, ())
+        self._sent[f"invalid:{self._request_name(request)}"] += 1
+
+    def _send_bytes(self, data: bytes, fds: tuple[int, ...]) -> None:
         try:
             send_with_fds(self.sock, data, fds)
         except OSError as exc:
