@@ -36,6 +36,7 @@ from testkit.process import (
     ProcessFailed,
     ProcessGroup,
     TeardownError,
+    foreground_job_signals,
     listening_socket,
     set_pdeathsig,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "ProcessGroup",
     "TeardownError",
     "emulator_argv",
+    "foreground_job_signals",
     "fs_backend_argv",
     "listening_socket",
     "set_pdeathsig",

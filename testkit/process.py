@@ -54,6 +54,17 @@ def set_pdeathsig() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def foreground_job_signals() -> None:
+    """Runs in a child before exec: SIGINT and SIGQUIT as a terminal's foreground job has them.
+
+    A shell without job control starts background commands with both ignored (CI may run the
+    suite that way), the ignored disposition survives exec, and Python then never raises
+    KeyboardInterrupt: a test that plays Ctrl-C must undo that.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def listening_socket(path: Path) -> socket.socket:
     """A bound, listening UNIX socket to hand to a child as an fd.
 

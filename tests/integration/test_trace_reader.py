@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from emulator.vfio_user.client import VfioUserClient, VfioUserError
-from testkit import Harness
+from testkit import Harness, foreground_job_signals
 from testkit.virtio_driver import GuestRam, VirtioDriver
 from tests.helpers.processes import procs
 
@@ -120,6 +120,7 @@ def test_follow_reads_what_is_appended(tmp_path: Path) -> None:
         trace_command(trace, "--follow", "--poll", "0.02"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=foreground_job_signals,  # noqa: PLW1509 -- two signal() calls
     )
     try:
         out = LineReader(proc)

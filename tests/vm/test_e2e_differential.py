@@ -74,6 +74,7 @@ def run_script(sc: Scenario) -> dict[str, Any]:
         sc.backend_ok(cmd="map", shmid=1, shm_offset=0x10000, length=LENGTH, pattern="zero",
                       writable=True)  # fmt: skip
         fill = shm("fill", 1, 0x10000, LENGTH, "--pattern", "xorshift", "--seed", 42)
+        guest_crc(1, 0x10000)  # a read after the posted writes: they have all landed
         back = sc.backend_ok(cmd="read", shmid=1, shm_offset=0x10000, length=LENGTH)["crc32c"]
         obs["rw_crc"] = (fill["crc32c"], back)
     with sc.step("refused requests"):

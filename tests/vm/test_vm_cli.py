@@ -26,7 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from testkit import LISTENING_LINE, ProcessGroup, start_emulator, start_shmem_backend
+from testkit import (
+    LISTENING_LINE,
+    ProcessGroup,
+    foreground_job_signals,
+    start_emulator,
+    start_shmem_backend,
+)
 from tests.helpers.docs import BIN, readme_block, user_env, without_comment
 from vm.toolchain import Toolchain
 
@@ -78,7 +84,7 @@ class Terminal:
             stderr=slave,
             env=env,
             start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # noqa: PLW1509 -- one ioctl
+            preexec_fn=self._foreground,  # noqa: PLW1509 -- an ioctl and two signal() calls
         )
         os.close(slave)
         self.output = b""
@@ -105,6 +111,12 @@ class Terminal:
             return False
         self.output += chunk
         return bool(chunk)
+
+    @staticmethod
+    def _foreground() -> None:
+        """In the child: the pty is its controlling terminal, its signals a foreground job's."""
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        foreground_job_signals()
 
     def send(self, text: str) -> None:
         os.write(self.master, text.encode())
@@ -278,6 +290,7 @@ def test_ctrl_c_stops_qemu_and_the_emulator_and_leaves_the_back_end_serving(
             stderr=subprocess.PIPE,
             env=user_env(),
             start_new_session=True,
+            preexec_fn=foreground_job_signals,  # noqa: PLW1509 -- two signal() calls
         )
         try:
             assert tool.stderr is not None
