@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ MNT = "/mnt/dax"
 #: Every guest access to our window is a trapped round trip, and TCG copies byte by byte: modest.
 FILES = {"empty": 0, "one-byte": 1, "page": 4096, "256k-plus-1": (256 << 10) + 1}
 BIG = "256k-plus-1"
+QEMU_UNMAP_GRACE = 10.0
 
 #: Runs in the guest: read (or mmap) a file, time it, print its SHA-256 and the seconds it took.
 READ_SCRIPT = """
@@ -86,6 +88,14 @@ class Dax:
     def frontend_maps_of_shared_files(self) -> list[str]:
         """Lines of the front-end's /proc/PID/maps that map a file of the shared directory."""
         return [line for line in procfs.maps_lines(self.frontend_pid()) if str(self.shared) in line]
+
+    def assert_frontend_maps_no_shared_file(self) -> None:
+        """Ours unmaps before it replies; QEMU frees a map's memory region after an RCU grace
+        period, so its munmap may come a little after the reply: give it a few seconds."""
+        deadline = time.monotonic() + (0 if self.frontend == "emulator" else QEMU_UNMAP_GRACE)
+        while (left := self.frontend_maps_of_shared_files()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert left == []
 
     def mount(self) -> None:
         self.sc.g.run(["mkdir", "-p", MNT], check=True)
@@ -194,7 +204,7 @@ def test_inode_eviction_sends_removemapping_for_every_mapping(dax: Dax) -> None:
     window = dax.window()
     assert window["counters"]["removes"] > removes
     assert window["live_mappings"] == 0 and window["chunks"] == []
-    assert dax.frontend_maps_of_shared_files() == []
+    dax.assert_frontend_maps_no_shared_file()
 
 
 def test_unmount_leaves_no_mapping(dax: Dax) -> None:
@@ -205,7 +215,7 @@ def test_unmount_leaves_no_mapping(dax: Dax) -> None:
     dax.sc.g.run(["umount", MNT], check=True)
     window = dax.window()
     assert window["live_mappings"] == 0 and window["chunks"] == []
-    assert dax.frontend_maps_of_shared_files() == []
+    dax.assert_frontend_maps_no_shared_file()
 
 
 def test_device_reset_with_live_mappings_then_remount(dax: Dax) -> None:
@@ -218,7 +228,7 @@ def test_device_reset_with_live_mappings_then_remount(dax: Dax) -> None:
     bdf = dax.sc.bdf()
     assert dax.window()["live_mappings"]
     dax.sc.g.sh(f"echo {bdf} > /sys/bus/pci/drivers/virtio-pci/unbind", check=True)
-    assert dax.frontend_maps_of_shared_files() == []
+    dax.assert_frontend_maps_no_shared_file()
     assert dax.window()["live_mappings"] == 0
     dax.sc.g.run(["umount", "-l", MNT], check=True)
     dax.sc.g.sh(f"echo {bdf} > /sys/bus/pci/drivers/virtio-pci/bind", check=True)
