@@ -9,10 +9,12 @@ test owns (a memfd passed with DMA_MAP), give MSI-X eventfds with SET_IRQS, DRIV
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import select
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from vguest.caps import VIRTIO_PCI_CAP, CapReport, ShmRegion, VirtioCap, parse
@@ -391,3 +393,20 @@ class VirtioDriver:
         for fd in self.msix_fds:
             os.close(fd)
         self.msix_fds = []
+
+
+@contextlib.contextmanager
+def probed_guest(
+    vfio_user_socket: str | os.PathLike[str], ram_size: int = 2 << 20, timeout: float = 15.0
+) -> Iterator[VirtioDriver]:
+    """A connected client with RAM mapped and the device probed (not yet initialised); its
+    MSI-X eventfds are closed on the way out."""
+    with (
+        GuestRam(ram_size) as ram,
+        VfioUserClient.connect(os.fspath(vfio_user_socket), timeout=timeout) as client,
+    ):
+        driver = VirtioDriver.probe(client, ram)
+        try:
+            yield driver
+        finally:
+            driver.close_msix()

@@ -6,15 +6,12 @@ queue, a record in the ring, the new head in the buffer), and both surviving a d
 
 from __future__ import annotations
 
-import contextlib
 import struct
 import sys
 import time
-from collections.abc import Iterator
 
-from emulator.vfio_user.client import VfioUserClient
 from testkit import LISTENING_LINE, Harness, Process
-from testkit.virtio_driver import DEVICE_STATUS, GuestRam, VirtioDriver
+from testkit.virtio_driver import DEVICE_STATUS, VirtioDriver, probed_guest
 from tests.helpers.processes import procs
 from vhost_user_backend.devices.examples import doorbell, framebuffer
 
@@ -32,16 +29,6 @@ def start_example(procs: Harness, module: str, *args: str) -> Process:
     return proc
 
 
-@contextlib.contextmanager
-def guest(emu: Process) -> Iterator[VirtioDriver]:
-    with GuestRam(2 * MiB) as ram, VfioUserClient.connect(str(emu.path), timeout=15.0) as client:
-        driver = VirtioDriver.probe(client, ram)
-        try:
-            yield driver
-        finally:
-            driver.close_msix()
-
-
 def u64(data: bytes) -> int:
     return int.from_bytes(data, "little")
 
@@ -53,7 +40,7 @@ def frame_counter(driver: VirtioDriver) -> int:
 def test_framebuffer_header_and_a_moving_frame_counter_across_a_reset(procs: Harness) -> None:
     back = start_example(procs, "framebuffer", "--width", "320", "--height", "200", "--fps", "50")
     emu = procs.emulator("--vhost-user-socket", str(back.path))
-    with guest(emu) as driver:
+    with probed_guest(emu.path) as driver:
         assert [r.length for r in driver.shm_regions] == [framebuffer.REGION_SIZE]
         driver.bring_up()
         header = b"".join(driver.shm_read(0, off, 4) for off in range(0, 24, 4))
@@ -78,7 +65,7 @@ def test_framebuffer_header_and_a_moving_frame_counter_across_a_reset(procs: Har
 def test_doorbell_round_trip_writes_a_record_and_returns_the_head(procs: Harness) -> None:
     back = start_example(procs, "doorbell")
     emu = procs.emulator("--vhost-user-socket", str(back.path))
-    with guest(emu) as driver:
+    with probed_guest(emu.path) as driver:
         (queue,) = driver.bring_up()
         assert driver.shm_read(0, 0, 4) == b"VDB0"
         assert u64(driver.shm_read(0, doorbell.HEAD_OFFSET, 8)) == 0

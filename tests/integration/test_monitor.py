@@ -6,7 +6,6 @@ output (JSON, the mapping table, the PNG)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -15,7 +14,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,9 @@ from emulator.monitor import ErrorClass, MonitorClient, MonitorError
 from emulator.monitor.draw import COLOURS
 from emulator.monitor.protocol import MAX_LINE
 from emulator.monitor.server import MAX_CLIENTS
-from emulator.vfio_user.client import VfioUserClient
 from testkit import ControlClient, Harness, Process
 from testkit.procfs import fd_count, memfd_mappings
-from testkit.virtio_driver import DEVICE_NEEDS_RESET, GuestRam, VirtioDriver
+from testkit.virtio_driver import DEVICE_NEEDS_RESET, probed_guest
 from tests.helpers.processes import procs
 
 __all__ = ["procs"]
@@ -70,16 +68,6 @@ def start(
 
 def monitor_path(procs: Harness) -> Path:
     return procs.workdir / "monitor.sock"
-
-
-@contextlib.contextmanager
-def guest(emu: Process) -> Iterator[VirtioDriver]:
-    with GuestRam(2 * MiB) as ram, VfioUserClient.connect(str(emu.path), timeout=15.0) as client:
-        driver = VirtioDriver.probe(client, ram)
-        try:
-            yield driver
-        finally:
-            driver.close_msix()
 
 
 def counter(seed: int, length: int) -> bytes:
@@ -188,7 +176,7 @@ def test_queries_describe_what_the_peers_see(procs: Harness) -> None:
         ]
     }
 
-    with guest(emu) as driver:
+    with probed_guest(emu.path) as driver:
         assert driver.startup.regions[BAR4].info.size == regions["bar_size"]
         assert [(r.shmid, r.offset, r.length) for r in driver.shm_regions] == [
             (r["shmid"], r["bar_offset"], r["size"]) for r in regions["regions"]
@@ -236,7 +224,7 @@ def test_counters_follow_real_traffic(procs: Harness) -> None:
     assert frontend["in"]["GET_SHMEM_CONFIG"] == 1
     assert set(start_counters["refusals"]) >= {"overlap", "not-mapped", "shmid", "alignment"}
     assert not any(start_counters["refusals"].values())
-    with guest(emu) as driver:
+    with probed_guest(emu.path) as driver:
         driver.bring_up()
         assert ctl.map(1, 0x2000, 8 * KiB, pattern="counter", seed=2, writable=True)["ok"]
         before = monitor.query_counters()
@@ -290,7 +278,7 @@ def test_counters_follow_real_traffic(procs: Harness) -> None:
 
 def test_drop_mappings_behind_the_back_ends_back(procs: Harness) -> None:
     back, emu, ctl, monitor = start(procs)
-    with guest(emu) as driver:
+    with probed_guest(emu.path) as driver:
         driver.bring_up()
         assert ctl.map(0, 0, 8 * KiB, pattern="counter", seed=1)["ok"]
         assert ctl.map(1, 0x1000, 4 * KiB, pattern="counter", seed=2, writable=True)["ok"]
@@ -322,7 +310,7 @@ def test_drop_mappings_behind_the_back_ends_back(procs: Harness) -> None:
 
 def test_device_reset_is_the_drivers_reset(procs: Harness) -> None:
     back, emu, ctl, monitor = start(procs)
-    with guest(emu) as driver:
+    with probed_guest(emu.path) as driver:
         driver.bring_up()
         assert ctl.map(0, 0, 8 * KiB, pattern="counter", seed=1)["ok"]
         assert ctl.map(1, 0, 4 * KiB, pattern="counter", seed=2, writable=True)["ok"]
@@ -353,7 +341,7 @@ def test_device_reset_is_the_drivers_reset(procs: Harness) -> None:
 
 def test_disconnect_backend_then_the_emulator_reconnects(procs: Harness) -> None:
     back, emu, ctl, monitor = start(procs)
-    with guest(emu) as driver:
+    with probed_guest(emu.path) as driver:
         driver.bring_up()
         assert ctl.map(0, 0, 8 * KiB, pattern="counter", seed=1)["ok"]
         mark, back_mark = emu.mark(), back.mark()
@@ -404,7 +392,7 @@ def test_standalone_emulator_has_no_back_end_to_disconnect(procs: Harness) -> No
 def test_garbage_half_lines_and_many_clients_never_disturb_it(procs: Harness) -> None:
     back, emu, ctl, monitor = start(procs)
     path = monitor_path(procs)
-    with guest(emu) as driver:
+    with probed_guest(emu.path) as driver:
         driver.bring_up()
         assert ctl.map(0, 0, 4 * KiB, pattern="counter", seed=1)["ok"]
         monitor.query_status()  # the loop is past the SHMEM_MAP (and has closed its fd)

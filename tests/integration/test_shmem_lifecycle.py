@@ -10,19 +10,16 @@ every RESET_DEVICE and whenever the queues start.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from vguest.pattern import PatternKind, generate
 
-from emulator.vfio_user.client import VfioUserClient
-from testkit import Harness, Process, shmem_backend_argv
-from testkit.virtio_driver import DEVICE_STATUS, GuestRam, VirtioDriver
+from testkit import Harness, shmem_backend_argv
+from testkit.virtio_driver import DEVICE_STATUS, probed_guest
 from tests.helpers.processes import procs
 from vhost_user_backend.daemon import VhostUserDaemon, VhostUserDevice
 from vhost_user_backend.devices.shmem_reference import pattern_memfd
@@ -37,17 +34,6 @@ MiB = 1 << 20
 
 def counter(seed: int, length: int) -> bytes:
     return generate(PatternKind.COUNTER, seed, length)
-
-
-@contextlib.contextmanager
-def guest(emu: Process) -> Iterator[VirtioDriver]:
-    """A connected client with RAM mapped and the device probed (not yet initialised)."""
-    with GuestRam(2 * MiB) as ram, VfioUserClient.connect(str(emu.path), timeout=15.0) as client:
-        driver = VirtioDriver.probe(client, ram)
-        try:
-            yield driver
-        finally:
-            driver.close_msix()
 
 
 class MapsInItsResetHook(VhostUserDevice):
@@ -96,7 +82,7 @@ def test_a_map_sent_in_answer_to_a_reset_stays_mapped(
     thread = daemon.serve_in_thread()
     try:
         emu = procs.emulator("--vhost-user-socket", str(path))
-        with guest(emu) as driver:
+        with probed_guest(emu.path) as driver:
             if how == "status 0 before DRIVER_OK":
                 driver.negotiate()
             else:
@@ -153,7 +139,7 @@ def test_persistent_mappings_come_back_after_every_reset_until_unmapped(
         (1, 0, 8 * KiB),
     ]
     xorshift = generate(PatternKind.XORSHIFT, 9, 8 * KiB)
-    with guest(emu) as driver:
+    with probed_guest(emu.path) as driver:
         # Not at channel ready (QEMU 11.1 would crash on it): the first reset maps them.
         assert not back.lines("persistent mapping .* mapped")
         assert driver.shm_read(0, 0x10000, 8) == bytes(8)
@@ -198,7 +184,7 @@ def test_persistent_mappings_come_back_behind_the_next_front_end(procs: Harness)
     for name in ("first.sock", "second.sock"):
         emu = procs.emulator("--vhost-user-socket", str(back.path), socket_name=name)
         mark = back.mark()
-        with guest(emu) as driver:
+        with probed_guest(emu.path) as driver:
             driver.negotiate()
             line = "persistent mapping shmid 0 [0x0, +0x1000) mapped (after RESET_DEVICE)"
             back.wait_for_log(line, start=mark)
