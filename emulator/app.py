@@ -108,10 +108,12 @@ class Emulator:
             self._stack.callback(self.monitor.close)
 
     def run(self) -> None:
+        # Signals first: from the ready line on, SIGTERM means a clean stop (launchers send it
+        # as soon as they have seen the line).
+        self.loop.stop_on_signals(signal.SIGTERM, signal.SIGINT)
         if self.monitor is not None:
             self.monitor.listen()
         self.server.listen()
-        self.loop.stop_on_signals(signal.SIGTERM, signal.SIGINT)
         self.loop.run()
         logger.info("stopping (%s)", self.loop.stop_reason or "loop ended")
 

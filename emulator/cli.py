@@ -25,17 +25,7 @@ from emulator.app import run
 from emulator.config import EmulatorConfig
 from emulator.errors import ANY_ERROR, ConfigError
 from emulator.monitor import cli as monitor_cli
-from vhost_user.messages import (
-    SHMEM_FEATURE_BIT_DRAFT,
-    SHMEM_FEATURE_BIT_RUST_VMM,
-    SHMEM_FEATURE_BIT_UPSTREAM,
-)
-
-SHMEM_FEATURE_BITS = (
-    SHMEM_FEATURE_BIT_UPSTREAM,
-    SHMEM_FEATURE_BIT_DRAFT,
-    SHMEM_FEATURE_BIT_RUST_VMM,
-)
+from vhost_user.options import add_shmem_feature_bit
 
 
 def parse_size(text: str) -> int:
@@ -110,15 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="connect to this vhost-user back-end (retries until it is up)",
     )
-    parser.add_argument(
-        "--shmem-feature-bit",
-        type=int,
-        choices=SHMEM_FEATURE_BITS,
-        default=SHMEM_FEATURE_BIT_UPSTREAM,
-        help="protocol feature bit for shared memory: 22 (upstream QEMU, the default), 20 (the "
-        "draft patches; upstream's GET_VRING_BASE_INFLIGHT) or 21 (only for back-ends built on "
-        "rust-vmm vhost <= 0.16; upstream's GPA_ADDRESSES)",
-    )
+    add_shmem_feature_bit(parser)
     parser.add_argument(
         "--backend-timeout",
         type=float,

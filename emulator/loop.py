@@ -37,6 +37,7 @@ class EventLoop:
         self.add_reader(self._wakeup_r, self._drain_wakeup)
         self._old_handlers: dict[int, object] = {}
         self.stop_reason = ""
+        self._signalled = False
 
     def add_reader(self, fd: int, callback: Callback) -> None:
         if fd in self._callbacks:
@@ -73,16 +74,21 @@ class EventLoop:
             os.write(self._wakeup_w, b"\0")
 
     def stop_on_signals(self, *signums: int) -> None:
-        """Stop the loop on these signals (e.g. SIGTERM, SIGINT) instead of raising."""
+        """Stop the loop on these signals (e.g. SIGTERM, SIGINT) instead of raising.
+
+        Install them before announcing readiness: a signal that arrives before ``run`` makes
+        ``run`` return at once rather than being forgotten.
+        """
 
         def handler(signum: int, _frame: FrameType | None) -> None:
+            self._signalled = True
             self.stop(signal.Signals(signum).name)
 
         for signum in signums:
             self._old_handlers[signum] = signal.signal(signum, handler)
 
     def run(self) -> None:
-        self._running = True
+        self._running = not self._signalled
         callbacks = self._callbacks
         while self._running:
             timeout = -1.0

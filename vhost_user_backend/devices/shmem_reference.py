@@ -47,11 +47,7 @@ from typing import Any
 
 from vguest.pattern import PatternKind, crc32c, generate
 
-from vhost_user.messages import (
-    SHMEM_FEATURE_BIT_DRAFT,
-    SHMEM_FEATURE_BIT_RUST_VMM,
-    SHMEM_FEATURE_BIT_UPSTREAM,
-)
+from vhost_user.options import add_shmem_feature_bit
 from vhost_user_backend import control
 from vhost_user_backend.control import ControlServer
 from vhost_user_backend.daemon import (
@@ -412,15 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SHMID:SIZE",
         help="a shared memory region (repeatable; default 0:4MiB)",
     )
-    parser.add_argument(
-        "--shmem-feature-bit",
-        type=int,
-        choices=(SHMEM_FEATURE_BIT_UPSTREAM, SHMEM_FEATURE_BIT_DRAFT, SHMEM_FEATURE_BIT_RUST_VMM),
-        default=SHMEM_FEATURE_BIT_UPSTREAM,
-        help="protocol feature bit for SHMEM: 22 (upstream, the default), 20 (the draft "
-        "patches; upstream's GET_VRING_BASE_INFLIGHT) or 21 (what rust-vmm vhost <= 0.16 "
-        "back-ends use; upstream's GPA_ADDRESSES, so only against front-ends that expect it)",
-    )
+    add_shmem_feature_bit(parser)
     parser.add_argument("--virtio-id", type=int, default=VIRTIO_ID_RNG, help="virtio device id")
     parser.add_argument(
         "--rng-source",

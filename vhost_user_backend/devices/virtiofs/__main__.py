@@ -19,7 +19,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from vhost_user.messages import SHMEM_FEATURE_BIT_DRAFT, SHMEM_FEATURE_BIT_UPSTREAM
+from vhost_user.options import add_shmem_feature_bit
 from vhost_user_backend.control import ControlServer
 from vhost_user_backend.daemon import VhostUserDaemon
 from vhost_user_backend.devices.shmem_reference import parse_size
@@ -51,13 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-request-queues", type=int, default=1, metavar="N", help="request queues (default 1)"
     )
-    parser.add_argument(
-        "--shmem-feature-bit",
-        type=int,
-        choices=(SHMEM_FEATURE_BIT_UPSTREAM, SHMEM_FEATURE_BIT_DRAFT),
-        default=SHMEM_FEATURE_BIT_UPSTREAM,
-        help="protocol feature bit for SHMEM (22 upstream, 20 in the draft patches)",
-    )
+    add_shmem_feature_bit(parser)
     parser.add_argument("--control-socket", help="JSON-lines control socket path")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     return parser
