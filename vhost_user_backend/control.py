@@ -18,10 +18,10 @@ import os
 import socketserver
 import threading
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Any
 
 from vhost_user_backend.errors import DaemonError
-from wire.unix import connect_unix
+from wire.jsonlines import JsonLinesClient
 
 log = logging.getLogger(__name__)
 
@@ -90,25 +90,18 @@ class ControlRefused(DaemonError):
         self.reply = reply
 
 
-class ControlClient:
+class ControlClient(JsonLinesClient):
     """The client side of a control socket: one request line, one reply line.
 
     ``client("status")`` returns the reply as it is; ``client.ok(...)`` raises
     ``ControlRefused`` unless it says ``"ok": true``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], timeout: float = 10.0) -> None:
-        self.sock = connect_unix(path, timeout)
-        self._file = self.sock.makefile("rwb")
+    peer = "the control socket"
 
     def __call__(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        self._file.write(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
-        self._file.flush()
-        line = self._file.readline()
-        if not line:
-            raise ConnectionError(f"control socket closed while waiting for the {cmd} reply")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
+        self.send({"cmd": cmd, **fields})
+        return self.receive()
 
     def ok(self, cmd: str, **fields: Any) -> dict[str, Any]:
         """A command that must succeed."""
@@ -119,13 +112,3 @@ class ControlClient:
 
     def status(self) -> dict[str, Any]:
         return self.ok("status")
-
-    def close(self) -> None:
-        self._file.close()
-        self.sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

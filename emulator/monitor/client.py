@@ -8,24 +8,24 @@ breaks raises ``ConnectionError``.
 from __future__ import annotations
 
 import itertools
-import json
 import os
-from typing import Any, Self
+from typing import Any
 
 from emulator.monitor.protocol import GREETING_KEY, MonitorError
-from wire.unix import connect_unix
+from wire.jsonlines import JsonLinesClient
 
 
-class MonitorClient:
+class MonitorClient(JsonLinesClient):
     """A connection to the monitor socket at ``path``; ``greeting`` is what the server said
     first (its ``version``, ``protocol`` and ``commands``)."""
 
+    peer = "the monitor"
+
     def __init__(self, path: str | os.PathLike[str], timeout: float = 10.0) -> None:
-        self.sock = connect_unix(path, timeout)
-        self._file = self.sock.makefile("rwb")
+        super().__init__(path, timeout)
         self._ids = itertools.count(1)
         try:
-            greeting = self._read()
+            greeting = self.receive()
             if not isinstance(greeting.get(GREETING_KEY), dict):
                 raise ConnectionError(f"{path} did not greet as a monitor: {greeting}")
         except BaseException:
@@ -43,9 +43,8 @@ class MonitorClient:
         request: dict[str, Any] = {"execute": command, "id": msg_id}
         if arguments:
             request["arguments"] = arguments
-        self._file.write(json.dumps(request).encode() + b"\n")
-        self._file.flush()
-        reply = self._read()
+        self.send(request)
+        reply = self.receive()
         if reply.get("id") != msg_id:
             raise ConnectionError(f"reply to id {reply.get('id')} while {msg_id} was due")
         if "error" in reply:
@@ -82,22 +81,3 @@ class MonitorClient:
     def disconnect_backend(self) -> bool:
         """True if a back-end was connected (and now is not, until it reconnects)."""
         return bool(self.execute("disconnect-backend")["disconnected"])
-
-    def _read(self) -> dict[str, Any]:
-        line = self._file.readline()
-        if not line.endswith(b"\n"):
-            raise ConnectionError("the monitor closed the connection")
-        value = json.loads(line)
-        if not isinstance(value, dict):
-            raise ConnectionError(f"the monitor sent {line!r}")
-        return value
-
-    def close(self) -> None:
-        self._file.close()
-        self.sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
