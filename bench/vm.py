@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -136,6 +137,21 @@ def _threads(pid: int | str) -> dict[int, str]:
     return names
 
 
+def _vcpu_cpu_ns(qemu_pid: int) -> int:
+    """CPU time of QEMU's vCPU threads so far (``/proc/PID/task/TID/schedstat``, in ns)."""
+    total = 0
+    for tid, name in _threads(qemu_pid).items():
+        if _is_vcpu(name):
+            path = f"/proc/{qemu_pid}/task/{tid}/schedstat"
+            with contextlib.suppress(OSError), open(path, encoding="ascii") as stat:
+                total += int(stat.read().split()[0])
+    return total
+
+
+def _is_vcpu(name: str) -> bool:
+    return name.startswith("CPU ") and name.endswith("/TCG")
+
+
 def pin_vcpus_apart(
     qemu_pid: int, others: Sequence[int]
 ) -> tuple[dict[str, Any], Callable[[], None]]:
@@ -152,7 +168,7 @@ def pin_vcpus_apart(
     vcpu_cpus, other_cpus = {allowed[0]}, set(allowed[1:])
     vcpus: dict[int, str] = {}
     for tid, name in _threads(qemu_pid).items():
-        is_vcpu = name.startswith("CPU ") and name.endswith("/TCG")
+        is_vcpu = _is_vcpu(name)
         if is_vcpu:
             vcpus[tid] = name
         os.sched_setaffinity(tid, vcpu_cpus if is_vcpu else other_cpus)
@@ -217,9 +233,15 @@ def run_shmem_boot(report: Report, counts: VmCounts, *, pin: bool = False) -> No
             pinning, restore = pin_vcpus_apart(guest.pid, [emu.pid])
             stack.callback(restore)
             report.details["shmem_boot_pinning"] = pinning
+        vcpu0, wall0 = _vcpu_cpu_ns(guest.pid), time.monotonic_ns()
         results = round_trips(
             {"ours": ours, "qemu": native}, counts.round_trips, frontend_pids={"ours": emu.pid}
         )
+        report.details["fig1_vcpu_busy"] = {
+            "fraction": round((_vcpu_cpu_ns(guest.pid) - vcpu0) / (time.monotonic_ns() - wall0), 4),
+            "note": "CPU time of QEMU's vCPU threads during the round trips / their wall time "
+            "(1.0 = one CPU kept busy): how much the guest competes with the map path",
+        }
         report.details["fig1_breakdown_us"] = record_round_trips(
             report,
             results,
