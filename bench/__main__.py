@@ -1,4 +1,4 @@
-"""``python -m bench [--short] [--no-vm] [--only SECTION ...] [--output FILE]``.
+"""``python -m bench [--short] [--no-vm] [--only SECTION ...] [--pin] [--output FILE]``.
 
 Runs every benchmark, prints one table and writes the JSON report (default
 ``bench/results/latest.json``). A failing section is recorded under ``errors`` and the rest
@@ -40,12 +40,16 @@ def host_sections(short: bool) -> list[tuple[str, Callable[[Report], None]]]:
     ]
 
 
-def vm_sections(short: bool) -> list[tuple[str, Callable[[Report], None]]]:
+def vm_sections(short: bool, pin: bool = False) -> list[tuple[str, Callable[[Report], None]]]:
     counts = vm.SHORT if short else vm.FULL
-    return [
+    sections: list[tuple[str, Callable[[Report], None]]] = [
         (name, lambda r, run=run: run(r, counts))  # type: ignore[misc]
         for name, run in vm.SECTIONS
     ]
+    if pin:
+        shmem = ("vm.shmem_boot", lambda r: vm.run_shmem_boot(r, counts, pin=True))
+        sections = [shmem if name == shmem[0] else (name, run) for name, run in sections]
+    return sections
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-vm", action="store_true", help="skip everything that boots a guest")
     parser.add_argument(
         "--only", action="append", default=[], metavar="PREFIX", help="run matching sections"
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="vm.shmem_boot: QEMU's vCPU threads on one CPU, everything else on the other",
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="FILE")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -65,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report("short" if args.short else "full")
     sections = host_sections(args.short)
     if not args.no_vm:
-        sections += vm_sections(args.short)
+        sections += vm_sections(args.short, args.pin)
     if args.only:
         sections = [s for s in sections if any(s[0].startswith(p) for p in args.only)]
     for name, run in sections:

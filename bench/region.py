@@ -7,6 +7,11 @@ without counting the client. The per-stage breakdown times each step of the path
 with the same objects: recvmsg, decode, device dispatch (BAR -> region -> mapping lookup and
 copy), reply construction, encode, sendmsg; the rest of the per-message CPU time is the loop,
 the server's dispatch and checks. A cProfile of the server thread lists the heaviest functions.
+
+The floor (``bench/floor.c``, a minimal C server answering from the same kind of mapping) is
+driven by the same client, loop and counts over the same kind of socket, its rounds interleaved
+with ours, and its own thread CPU clock read around each batch as ours is: the ratios
+``fig3.ratio.ours_vs_floor.*`` say how far the emulator is from what the work itself costs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench import floor
 from bench.procs import REPO, memfd, workdir
 from bench.report import Report
 from emulator.app import Emulator
@@ -40,6 +46,8 @@ RAM_SIZE = 16 << 20
 REGION_SIZE = 1 << 20
 MAPPED = 64 << 10
 TARGET_US = 10.0
+#: The issue's target: emulator CPU per REGION_READ at most twice the C floor's.
+FLOOR_RATIO_TARGET = 2.0
 
 
 @contextlib.contextmanager
@@ -85,55 +93,89 @@ def _client(emulator: Emulator) -> tuple[VfioUserClient, int]:
     return client, ram
 
 
-def measure_cpu(count: int, rounds: int) -> dict[str, list[float]]:
-    """Per round: server CPU and client wall time per 8-byte read and per posted 8-byte write.
+#: Per side, per round: what ``measure_cpu`` collects.
+CPU_SERIES = ("read_cpu_us", "read_wall_us", "write_cpu_us", "write_wall_us", "pipelined_cpu_us")
 
-    The client is its own process (bench.region_client), so the server thread's CPU clock
-    counts nothing but the emulator's work, syscalls included.
+
+@contextlib.contextmanager
+def _client_process(path: Path) -> Iterator[Callable[[str, int], int]]:
+    """``bench.region_client`` connected to ``path``: a function that runs ``op n`` in it and
+    returns the client's wall time in nanoseconds."""
+    client = subprocess.Popen(
+        [sys.executable, "-m", "bench.region_client", str(path)],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdin is not None and client.stdout is not None
+    stdin, stdout = client.stdin, client.stdout
+
+    def command(op: str, n: int) -> int:
+        stdin.write(f"{op} {n}\n")
+        stdin.flush()
+        return int(stdout.readline())
+
+    try:
+        if stdout.readline().strip() != "ready":
+            raise RuntimeError(f"bench.region_client did not start on {path}")
+        yield command
+    finally:
+        stdin.close()
+        client.wait(30)
+        stdout.close()
+
+
+def measure_cpu(
+    count: int, rounds: int, floor_binary: Path | None = None
+) -> dict[str, dict[str, list[float]]]:
+    """Per side (``ours``, and ``floor`` given its binary), per round: server CPU and client
+    wall time per 8-byte read and per posted 8-byte write, and CPU per pipelined read.
+
+    Each client is its own process (bench.region_client), so a server's CPU clock counts
+    nothing but its work, syscalls included: the emulator thread's clock read from here, the
+    floor's own thread clock read by the floor. The two sides alternate round by round, so a
+    burst of load from another engineer's VM hits both alike.
     """
-    out: dict[str, list[float]] = {
-        "read_cpu_us": [],
-        "read_wall_us": [],
-        "write_cpu_us": [],
-        "write_wall_us": [],
-        "pipelined_cpu_us": [],
-    }
-    with workdir("bench-region-") as wd, in_process_emulator(wd) as emulator:
+    out: dict[str, dict[str, list[float]]] = {}
+    with (
+        workdir("bench-region-") as wd,
+        in_process_emulator(wd) as emulator,
+        contextlib.ExitStack() as stack,
+    ):
         thread: threading.Thread = emulator.thread  # type: ignore[attr-defined]
-        client = subprocess.Popen(
-            [sys.executable, "-m", "bench.region_client", str(emulator.config.vfio_user_socket)],
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert client.stdin is not None and client.stdout is not None
-        try:
-            if client.stdout.readline().strip() != "ready":
-                raise RuntimeError("bench.region_client did not start")
+        sides: dict[str, tuple[Callable[[], int], Callable[[str, int], int]]] = {
+            "ours": (
+                lambda: _thread_cpu_ns(thread),
+                stack.enter_context(_client_process(emulator.config.vfio_user_socket)),
+            )
+        }
+        if floor_binary is not None:
+            server = stack.enter_context(
+                floor.serving(floor_binary, wd / "floor.sock", REGION_SIZE, MAPPED)
+            )
+            sides["floor"] = (server.cpu_ns, stack.enter_context(_client_process(server.path)))
+        for side, (_, run) in sides.items():
+            out[side] = {series: [] for series in CPU_SERIES}
+            run("read", 500)  # warm up
 
-            def command(op: str, n: int) -> tuple[float, float]:
-                assert client.stdin is not None and client.stdout is not None
-                cpu0 = _thread_cpu_ns(thread)
-                client.stdin.write(f"{op} {n}\n")
-                client.stdin.flush()
-                wall = int(client.stdout.readline())
-                return (_thread_cpu_ns(thread) - cpu0) / 1e3, wall / 1e3
+        def command(side: str, op: str, n: int) -> tuple[float, float]:
+            cpu_ns, run = sides[side]
+            cpu0 = cpu_ns()
+            wall = run(op, n)
+            return (cpu_ns() - cpu0) / 1e3, wall / 1e3
 
-            command("read", 500)  # warm up
-            for _ in range(rounds):
-                cpu, wall = command("read", count)
-                out["read_cpu_us"].append(cpu / count)
-                out["read_wall_us"].append(wall / count)
-                cpu, wall = command("write", count)
-                out["write_cpu_us"].append(cpu / (count + 1))
-                out["write_wall_us"].append(wall / (count + 1))
+        for _ in range(rounds):
+            for side, series in out.items():
+                cpu, wall = command(side, "read", count)
+                series["read_cpu_us"].append(cpu / count)
+                series["read_wall_us"].append(wall / count)
+                cpu, wall = command(side, "write", count)
+                series["write_cpu_us"].append(cpu / (count + 1))
+                series["write_wall_us"].append(wall / (count + 1))
                 batch = min(count, 2000)
-                cpu, _ = command("pipelined", batch)
-                out["pipelined_cpu_us"].append(cpu / batch)
-        finally:
-            client.stdin.close()
-            client.wait(30)
+                cpu, _ = command(side, "pipelined", batch)
+                series["pipelined_cpu_us"].append(cpu / batch)
     return out
 
 
@@ -238,35 +280,78 @@ def stage_breakdown(count: int) -> dict[str, float]:
     return stages
 
 
+#: (figure suffix, series, note) for each side's per-message figures.
+_CPU_FIGURES = (
+    ("region_read_cpu", "read_cpu_us", "server thread CPU per 8-byte BAR 4 REGION_READ"),
+    (
+        "region_read_round_trip",
+        "read_wall_us",
+        "client wall time per lockstep 8-byte REGION_READ (client in its own process, no QEMU)",
+    ),
+    ("posted_write_cpu", "write_cpu_us", "server thread CPU per posted 8-byte REGION_WRITE"),
+    ("posted_write_wall", "write_wall_us", ""),
+    (
+        "region_read_cpu_pipelined",
+        "pipelined_cpu_us",
+        "same reads sent back to back: the path without the sleep and wake-up",
+    ),
+)
+#: The figures compared with the floor: ours / floor, each a median of the same run.
+_FLOOR_RATIOS = {
+    "region_read_cpu": (f"<= {FLOOR_RATIO_TARGET:g}", FLOOR_RATIO_TARGET),
+    "region_read_round_trip": ("", None),
+    "region_read_cpu_pipelined": ("", None),
+}
+
+
+def _floor_binary(report: Report, stack: contextlib.ExitStack) -> Path | None:
+    """The floor, built into a work directory that ``stack`` removes; None (and an error in
+    the report, ``fig3.floor``) when it cannot be built."""
+    try:
+        return floor.build(stack.enter_context(workdir("bench-floor-")))
+    except floor.FloorUnavailable as exc:
+        report.errors["fig3.floor"] = str(exc)
+        return None
+
+
 def run(report: Report, *, count: int, rounds: int, profile_count: int) -> None:
-    cpu = measure_cpu(count, rounds)
-    report.add(
-        "fig3.inproc.region_read_cpu",
-        cpu["read_cpu_us"],
-        "us",
-        target=f"< {TARGET_US:g} us",
-        met=sorted(cpu["read_cpu_us"])[len(cpu["read_cpu_us"]) // 2] < TARGET_US,
-        note="server thread CPU per 8-byte BAR 4 REGION_READ",
-    )
-    report.add(
-        "fig3.inproc.region_read_round_trip",
-        cpu["read_wall_us"],
-        "us",
-        note="client wall time per lockstep read, same process, no QEMU",
-    )
-    report.add(
-        "fig3.inproc.posted_write_cpu",
-        cpu["write_cpu_us"],
-        "us",
-        note="server thread CPU per posted 8-byte REGION_WRITE",
-    )
-    report.add("fig3.inproc.posted_write_wall", cpu["write_wall_us"], "us")
-    report.add(
-        "fig3.inproc.region_read_cpu_pipelined",
-        cpu["pipelined_cpu_us"],
-        "us",
-        note="same reads sent back to back: the Python path without the sleep and wake-up",
-    )
+    with contextlib.ExitStack() as stack:
+        binary = _floor_binary(report, stack)
+        cpu = measure_cpu(count, rounds, binary)
+        if binary is not None:
+            report.details["fig3_floor_copy_ns"] = {
+                **floor.copy_cost(binary, max(count, 100_000), MAPPED),
+                "note": "thread CPU per 8-byte copy from a MAP_SHARED memfd: the floor's memcpy "
+                "vs the process_vm_readv the emulator uses (no SIGBUS past a file's end)",
+            }
+    for side, prefix in (("ours", "fig3.inproc"), ("floor", "fig3.floor")):
+        if side not in cpu:
+            continue
+        for suffix, series, note in _CPU_FIGURES:
+            samples = cpu[side][series]
+            target, met = "", None
+            if side == "ours" and suffix == "region_read_cpu":
+                target = f"< {TARGET_US:g} us"
+                met = sorted(samples)[len(samples) // 2] < TARGET_US
+            where = "C floor (bench/floor.c)" if side == "floor" else "emulator"
+            report.add(
+                f"{prefix}.{suffix}",
+                samples,
+                "us",
+                target=target,
+                met=met,
+                note=f"{where}: {note}" if note else "",
+            )
+    if "floor" in cpu:
+        for suffix, (target, limit) in _FLOOR_RATIOS.items():
+            report.ratio(
+                f"fig3.ratio.ours_vs_floor.{suffix}",
+                f"fig3.inproc.{suffix}",
+                f"fig3.floor.{suffix}",
+                target=target,
+                limit=limit,
+                note="emulator / C floor, same client and loop, rounds interleaved",
+            )
     stages = stage_breakdown(max(count, 2000))
     median_cpu = report.figures["fig3.inproc.region_read_cpu"].median
     accounted = (

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -124,8 +125,79 @@ def _bench_targets() -> dict[str, Callable[[str, int, str], list[str]]]:
     }
 
 
-def run_shmem_boot(report: Report, counts: VmCounts) -> None:
-    """Figures 1 (with a running guest, both front-ends) and 3 (guest-side BAR accesses)."""
+def _threads(pid: int | str) -> dict[int, str]:
+    """Thread id -> name (``comm``) of every thread of ``pid``."""
+    names = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8") as comm:
+                names[int(tid)] = comm.read().strip()
+        except OSError:
+            continue  # the thread ended meanwhile
+    return names
+
+
+def _vcpu_cpu_ns(qemu_pid: int) -> int:
+    """CPU time of QEMU's vCPU threads so far (``/proc/PID/task/TID/schedstat``, in ns)."""
+    total = 0
+    for tid, name in _threads(qemu_pid).items():
+        if _is_vcpu(name):
+            path = f"/proc/{qemu_pid}/task/{tid}/schedstat"
+            with contextlib.suppress(OSError), open(path, encoding="ascii") as stat:
+                total += int(stat.read().split()[0])
+    return total
+
+
+def _is_vcpu(name: str) -> bool:
+    return name.startswith("CPU ") and name.endswith("/TCG")
+
+
+def pin_vcpus_apart(
+    qemu_pid: int, others: Sequence[int]
+) -> tuple[dict[str, Any], Callable[[], None]]:
+    """QEMU's vCPU threads (``CPU n/TCG``) on the first CPU we may use; every other thread of
+    QEMU, of the ``others`` and of this process (the in-process back-ends) on the rest.
+
+    What the map figure loses then is what it lost to sharing a core with a busy vCPU. Returns
+    what was pinned (for the report) and a function that gives this process's threads back
+    all of its CPUs (the other processes end with the section).
+    """
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        raise RuntimeError(f"--pin needs two CPUs, this process may use {allowed}")
+    vcpu_cpus, other_cpus = {allowed[0]}, set(allowed[1:])
+    vcpus: dict[int, str] = {}
+    for tid, name in _threads(qemu_pid).items():
+        is_vcpu = _is_vcpu(name)
+        if is_vcpu:
+            vcpus[tid] = name
+        os.sched_setaffinity(tid, vcpu_cpus if is_vcpu else other_cpus)
+    if not vcpus:
+        raise RuntimeError(f"no vCPU thread in QEMU {qemu_pid}: {_threads(qemu_pid)}")
+    for tid in [tid for pid in others for tid in _threads(pid)] + list(_threads("self")):
+        os.sched_setaffinity(tid, other_cpus)
+
+    def restore() -> None:
+        for tid in _threads("self"):
+            os.sched_setaffinity(tid, allowed)
+
+    info = {
+        "vcpu_threads": sorted(vcpus.values()),
+        "vcpu_cpus": sorted(vcpu_cpus),
+        "other_cpus": sorted(other_cpus),
+        "note": "QEMU's vCPU threads on vcpu_cpus; QEMU's other threads, the emulator and "
+        "the benchmark process (both back-ends) on other_cpus",
+    }
+    return info, restore
+
+
+def run_shmem_boot(report: Report, counts: VmCounts, *, pin: bool = False) -> None:
+    """Figures 1 (with a running guest, both front-ends) and 3 (guest-side BAR accesses).
+
+    ``pin`` (``--pin``) keeps QEMU's vCPU threads on one CPU and everything else on the other
+    from the end of the boot on (``pin_vcpus_apart``): the figures then say how much of the
+    map round trip under a guest is scheduling.
+    """
     with workdir("bench-vm-") as wd, ExitStack() as stack:
         native_sock, ours_sock = wd / "native.sock", wd / "ours.sock"
         _, native = stack.enter_context(shmem_backend(native_sock, [(0, ROUND_TRIP_REGION)]))
@@ -156,8 +228,26 @@ def run_shmem_boot(report: Report, counts: VmCounts) -> None:
         report.details["shmem_boot_seconds"] = round(guest.boot_seconds, 1)
         wait_negotiated(native)
         wait_negotiated(ours)
-        results = round_trips({"ours": ours, "qemu": native}, counts.round_trips)
-        record_round_trips(report, results, "fig1", note="TCG guest running")
+        report.details["shmem_boot_pinning"] = None
+        if pin:
+            pinning, restore = pin_vcpus_apart(guest.pid, [emu.pid])
+            stack.callback(restore)
+            report.details["shmem_boot_pinning"] = pinning
+        vcpu0, wall0 = _vcpu_cpu_ns(guest.pid), time.monotonic_ns()
+        results = round_trips(
+            {"ours": ours, "qemu": native}, counts.round_trips, frontend_pids={"ours": emu.pid}
+        )
+        report.details["fig1_vcpu_busy"] = {
+            "fraction": round((_vcpu_cpu_ns(guest.pid) - vcpu0) / (time.monotonic_ns() - wall0), 4),
+            "note": "CPU time of QEMU's vCPU threads during the round trips / their wall time "
+            "(1.0 = one CPU kept busy): how much the guest competes with the map path",
+        }
+        report.details["fig1_breakdown_us"] = record_round_trips(
+            report,
+            results,
+            "fig1",
+            note="TCG guest running" + (", vCPUs pinned apart" if pin else ""),
+        )
         for label in ("4KiB", "2MiB", "64MiB"):
             for op in ("map", "unmap"):
                 report.ratio(

@@ -35,12 +35,35 @@ def test_short_host_benchmarks_write_a_report(
         "fig2.1024.rss_per_mapping",
         "fig2.ratio.map.1024_vs_16",
         "fig3.inproc.region_read_cpu",
+        "fig3.inproc.region_read_round_trip",
+        "fig3.floor.region_read_cpu",
+        "fig3.floor.region_read_round_trip",
+        "fig3.ratio.ours_vs_floor.region_read_cpu",
+        "fig3.ratio.ours_vs_floor.region_read_round_trip",
     ):
         figure = figures[key]
         assert figure["min"] <= figure["median"] <= figure["max"], key
     assert "shared 2-core" in str(report["note"])
     assert report["details"]["fig3_region_read_stages_us"]  # type: ignore[index]
+    assert report["details"]["fig3_floor_copy_ns"]["process_vm_readv_ns"] > 0  # type: ignore[index]
     assert "fig3.inproc.region_read_cpu" in capsys.readouterr().out
+
+
+def test_without_a_compiler_the_floor_is_an_error_and_ours_still_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    out = tmp_path / "latest.json"
+    assert main(["--short", "--only", "fig3", "--no-vm", "--output", str(out)]) == 1
+    report = _report(out)
+    errors = report["errors"]
+    assert isinstance(errors, dict)
+    assert list(errors) == ["fig3.floor"]
+    assert "no usable C compiler" in errors["fig3.floor"]
+    figures = report["figures"]
+    assert isinstance(figures, dict)
+    assert "fig3.inproc.region_read_cpu" in figures
+    assert not any(key.startswith(("fig3.floor", "fig3.ratio.ours_vs_floor")) for key in figures)
 
 
 @pytest.mark.vm

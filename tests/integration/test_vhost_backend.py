@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -506,6 +507,38 @@ def test_channel_failure_while_waiting_for_shmem_map_is_channel_failed(
             fe.negotiate(int(ALL))  # its two sockets replace the first connection's
         assert fe.u64(FrontendReq.GET_FEATURES)  # the main socket is still served
         assert fd_count() == before, fd_targets()
+        fe.close()
+    os.close(memfd)
+
+
+@pytest.mark.parametrize("pieces", [(12,), tuple(range(1, 20))], ids=["header-body", "bytewise"])
+def test_a_status_sent_in_pieces_is_still_one_status(
+    sock_path: str, pieces: tuple[int, ...]
+) -> None:
+    """The library asks for the whole u64 reply in one read; a front-end that writes it in
+    pieces (cut at each offset in ``pieces``, a pause between) still gets through, refusal
+    included, and the channel stays up."""
+    memfd = os.memfd_create("shm")
+    os.ftruncate(memfd, 4096)
+    for backend in start(EchoDevice(), sock_path, reply_timeout=10.0):
+        fe = LockstepFrontend(sock_path)
+        fe.negotiate(int(ALL))
+        channel = RawChannel(fe)
+        for status in (0, errno.EEXIST):
+            future = shmem_map_in_thread(backend, memfd)
+            assert channel.take_request() == BackendReq.SHMEM_MAP
+            reply = u64_reply(BackendReq.SHMEM_MAP, body=struct.pack("=Q", status))
+            for start_at, end_at in zip((0, *pieces), (*pieces, len(reply)), strict=True):
+                channel.sock.sendall(reply[start_at:end_at])
+                time.sleep(0.01)
+            if status:
+                with pytest.raises(FrontendRefused) as info:
+                    future.result(timeout=10)
+                assert info.value.code == status
+            else:
+                assert future.result(timeout=10) is None
+        assert backend.status()["backend_channel"]
+        channel.sock.close()
         fe.close()
     os.close(memfd)
 
