@@ -74,6 +74,7 @@ from typing import Any, TypeVar
 from vhost_user.codec import (
     Channel,
     VhostUserDecoder,
+    VhostUserHeader,
     VhostUserMessage,
     describe,
     encode,
@@ -87,10 +88,12 @@ from vhost_user.messages import (
     SHMEM_FEATURE_BIT_UPSTREAM,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_MAX_CONFIG_SIZE,
+    VHOST_USER_VERSION,
     BackendReq,
     FrontendReq,
     Payload,
     VhostUserConfig,
+    VhostUserHeaderFlag,
     VhostUserMemory,
     VhostUserMMap,
     VhostUserMMapFlag,
@@ -490,9 +493,22 @@ class VhostUserDaemon:
         try:
             req = FrontendReq(exc.request or 0)
         except ValueError:
+            self._reply_unknown(exc)
             return
         stub = request(req, need_reply=exc.reply_expected)
         self._finish(stub, None, exc)
+
+    def _reply_unknown(self, exc: DecodeError) -> None:
+        """A request number we do not know, with NEED_REPLY under REPLY_ACK: the front-end
+        waits for a status, so it gets ENOSYS under that number (no enum member to encode)."""
+        ack = self.acked_protocol_features & VhostUserProtocolFeature.REPLY_ACK
+        if not (exc.reply_expected and ack) or self._conn is None or exc.request is None:
+            return
+        flags = VHOST_USER_VERSION | VhostUserHeaderFlag.REPLY
+        body = VhostUserU64(errno.ENOSYS).pack()
+        data = VhostUserHeader(exc.request, flags, len(body)).pack() + body
+        self._conn_log.debug("--> ENOSYS to unknown request %d", exc.request)
+        send_with_fds(self._conn, data)
 
     def _send(self, msg: VhostUserMessage) -> None:
         assert self._conn is not None
