@@ -180,8 +180,6 @@ class Runner:
         else:
             self.na("rings.vring_base", "the rings were not set up")
         s = self._reset(s)
-        if s.recorder is not None:
-            s.recorder.refuse_next_map = True
         s = self._activate(s, "lifecycle.reactivate", num_queues)
         if s.active:
             if s.recorder is not None:
@@ -384,6 +382,8 @@ class Runner:
             s.recorder.front_end_reset()
             self.dropped = len(s.recorder.dropped)
             s.recorder.phase = "reset"
+            # The first map after the reset is refused on purpose (shmem.refusal).
+            s.recorder.refuse_next_map = True
         if not s.n.has(PF.RESET_DEVICE):
             verdict = Verdict.PASS if "rings.vring_base" in self.results else Verdict.NA
             self.record(
