@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from conformance import checks
 from conformance.memory import MAX_QUEUES, wait_call
 from conformance.peer import BackendFailed, Exchange
+from conformance.rules import parse_shmem_config
 from conformance.session import PF, PROTOCOL_FEATURES, Session
 from conformance.stimuli import (
     DEFAULT_QUEUES,
@@ -451,9 +452,42 @@ class Runner:
         return status if status not in (None, 0) else None
 
     def _destructive(self) -> None:
+        if "negotiation.features" not in self.results or (
+            self.results["negotiation.features"].verdict is Verdict.FAIL
+            and self.results["negotiation.features"].detail.startswith("no reply")
+        ):
+            self.why_not = "not reached: the back-end does not answer GET_FEATURES"
+            return
         self._unknown_request()
+        self._unasked_shmem_config()
         self._reconnect()
         self._hostile()
+
+    def _unasked_shmem_config(self) -> None:
+        """Without a shared-memory bit, does the back-end answer GET_SHMEM_CONFIG anyway
+        (a bit under another number)? Destructive: a back-end may drop the connection."""
+        offered = self.results.get("negotiation.shmem_bit")
+        if offered is None or offered.verdict is not Verdict.NA:
+            return
+        s = self._fresh("negotiation.shmem_bit")
+        if s is None:
+            return
+        try:
+            exchange = s.peer.call(FrontendReq.GET_SHMEM_CONFIG)
+        except ERRORS:
+            return
+        finally:
+            s.close()
+        config, _ = parse_shmem_config(exchange.reply.body if exchange.reply else b"")
+        if config is not None:
+            check = checks.shmem_bit(s.n.protocol_offered, answered_shmem_config=True)
+            self.results[check.id] = make(
+                check.id,
+                check.verdict,
+                check.detail,
+                sent=exchange.sent,
+                received=exchange.received,
+            )
 
     def _unknown_request(self) -> None:
         cid = "negotiation.unknown_request"

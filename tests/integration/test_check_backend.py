@@ -231,6 +231,15 @@ class OverlappingMaps(ShmemRngDevice):
                 os.close(memfd)
 
 
+class BitlessShmem(VhostUserDaemon):
+    """Offers no shared-memory bit, yet answers GET_SHMEM_CONFIG."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.offered_protocol_features &= ~self.shmem_mask
+        self.shmem_mask = 0
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Any]:
     """Start a daemon in this process on ``tmp_path/be.sock``; stopped at teardown."""
@@ -284,6 +293,15 @@ def test_overlapping_maps_fail_only_map_rules(serve: Any, tmp_path: Path) -> Non
     status, failed, got = failures(path, tmp_path)
     assert (status, failed) == (1, ["shmem.map_rules"])
     assert got["shmem.refusal"] == "pass"
+
+
+def test_a_shmem_config_answered_without_a_bit_fails_the_shmem_bit(
+    serve: Any, tmp_path: Path
+) -> None:
+    path = serve(BitlessShmem, ShmemRngDevice())
+    status, failed, got = failures(path, tmp_path)
+    assert (status, failed) == (1, ["negotiation.shmem_bit"])
+    assert got["shmem.get_shmem_config"] == "n/a"
 
 
 # -- exit status 2 ------------------------------------------------------------------------------

@@ -185,6 +185,23 @@ def test_shmem_bit(bits: int, verdict: Verdict, words: str) -> None:
     assert check.verdict is verdict and words in check.detail
 
 
+def test_protocol_features_a_shared_memory_back_end_needs() -> None:
+    def offered(mask: int) -> Exchange:
+        return exchange(FrontendReq.GET_PROTOCOL_FEATURES, VhostUserU64(mask).pack())
+
+    features = 1 << 32 | 1 << 30
+    full = 1 << 3 | 1 << 5 | 1 << 10 | 1 << 9 | 1 << 22
+    assert checks.protocol_features(features, offered(full), True).verdict is Verdict.PASS
+    no_fd = checks.protocol_features(features, offered(full & ~(1 << 10)), False)
+    assert no_fd.verdict is Verdict.FAIL and "BACKEND_SEND_FD" in no_fd.detail
+    plain = checks.protocol_features(features, offered(1 << 3), False)
+    assert plain.verdict is Verdict.PASS and "would also need" in plain.detail
+    no_config = checks.protocol_features(features, offered(full & ~(1 << 9)), True)
+    assert no_config.verdict is Verdict.WARN
+    legacy = checks.protocol_features(1 << 32, None, False)
+    assert legacy.verdict is Verdict.FAIL
+
+
 def test_reply_ack() -> None:
     acked = exchange(FrontendReq.SET_FEATURES, VhostUserU64(0).pack())
     assert checks.reply_ack(True, [], acked).verdict is Verdict.PASS
