@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from conformance import checks
+from conformance.channel import ChannelEvent
 from conformance.memory import MAX_QUEUES, wait_call
 from conformance.peer import BackendFailed, Exchange
 from conformance.rules import parse_shmem_config
@@ -82,6 +83,8 @@ class Runner:
         self.why_not: str = "not reached"
         #: Mappings live when the front-end reset the device (``_reset``).
         self.dropped = 0
+        #: What earlier sessions' back-end channels recorded (a session lost mid-way).
+        self.past_events: list[ChannelEvent] = []
 
     # -- bookkeeping ----------------------------------------------------------------------
     def record(self, check: Check) -> None:
@@ -121,6 +124,8 @@ class Runner:
     def _recover(self, after: str, *, shmem_config: bool = True) -> Session:
         """A new main session after ``after`` broke the last one."""
         if self.session is not None:
+            if self.session.recorder is not None:
+                self.past_events += self.session.recorder.snapshot()
             self.session.close()
             self.session = None
         try:
@@ -386,7 +391,8 @@ class Runner:
             # The first map after the reset is refused on purpose (shmem.refusal).
             s.recorder.refuse_next_map = True
         if not s.n.has(PF.RESET_DEVICE):
-            verdict = Verdict.PASS if "rings.vring_base" in self.results else Verdict.NA
+            stopped = self.results.get("rings.vring_base")
+            verdict = Verdict.PASS if stopped and stopped.verdict is Verdict.PASS else Verdict.NA
             self.record(
                 make(
                     "lifecycle.reset",
@@ -417,7 +423,7 @@ class Runner:
                 self.na(cid, why)
             return
         recorder.settle(0.15, self.opts.timeout)
-        events = recorder.snapshot()
+        events = self.past_events + recorder.snapshot()
         alive = s.alive()
         recorder.refuse_next_map = False
         stim = "; ".join(self.notes)
@@ -448,7 +454,7 @@ class Runner:
 
     def _crashed(self) -> int | None:
         """The back-end's exit status if it ended abnormally (signal or non-zero)."""
-        status = self.target.wait_exit(0.3)
+        status = self.target.wait_exit(0.1)
         return status if status not in (None, 0) else None
 
     def _destructive(self) -> None:
