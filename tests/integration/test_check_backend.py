@@ -23,12 +23,14 @@ from typing import Any
 
 import pytest
 
+from conformance import cli
 from conformance.verdict import CATALOGUE
 from testkit import Harness
+from testkit.procfs import fd_table
 from tests.helpers.docs import BIN, readme_block, user_env, without_comment
 from tests.helpers.processes import procs
-from vhost_user.codec import VhostUserMessage, reply_to, spec_for
-from vhost_user.messages import FrontendReq, VhostUserU64
+from vhost_user.codec import VhostUserHeader, VhostUserMessage, reply_to, spec_for
+from vhost_user.messages import VHOST_USER_VERSION, FrontendReq, VhostUserU64
 from vhost_user_backend.daemon import VhostUserDaemon
 from vhost_user_backend.devices.shmem_reference import ShmemRngDevice
 
@@ -146,6 +148,23 @@ def test_running_reference_backend_by_socket(procs: Harness, tmp_path: Path) -> 
     back.stop()  # it survived the whole battery and exits cleanly
 
 
+def test_the_tool_closes_every_fd_it_received(
+    procs: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In this process: every fd that came with a SHMEM_MAP (or anything else), every
+    eventfd, memfd and socket of the tool is closed when it returns, error paths included
+    (the deliberate refusal, --hostile's dropped connections)."""
+    back = procs.backend()
+    control = procs.workdir / "control.sock"
+    before = fd_table()
+    status = cli.main(
+        ["--socket", str(back.path), "--device", f"shmem-reference:{control}", "--hostile"]
+    )
+    assert status == 0, capsys.readouterr().out
+    assert fd_table() == before
+    back.stop()
+
+
 def test_virtiofs_dax_device(tmp_path: Path) -> None:
     shared = tmp_path / "share"
     shared.mkdir()
@@ -231,6 +250,25 @@ class OverlappingMaps(ShmemRngDevice):
                 os.close(memfd)
 
 
+class NoReplyFlag(VhostUserDaemon):
+    """Answers GET_FEATURES without the REPLY flag."""
+
+    def _send(self, msg: VhostUserMessage) -> None:
+        if msg.request is not FrontendReq.GET_FEATURES or self._conn is None:
+            super()._send(msg)
+            return
+        body = msg.payload.pack()  # the codec would refuse to encode this reply
+        header = VhostUserHeader(msg.request, VHOST_USER_VERSION, len(body)).pack()
+        self._conn.sendall(header + body)
+
+
+class Mute(VhostUserDaemon):
+    """Accepts a front-end and never answers anything."""
+
+    def _dispatch(self, msg: VhostUserMessage) -> None:
+        pass
+
+
 class BitlessShmem(VhostUserDaemon):
     """Offers no shared-memory bit, yet answers GET_SHMEM_CONFIG."""
 
@@ -302,6 +340,21 @@ def test_a_shmem_config_answered_without_a_bit_fails_the_shmem_bit(
     status, failed, got = failures(path, tmp_path)
     assert (status, failed) == (1, ["negotiation.shmem_bit"])
     assert got["shmem.get_shmem_config"] == "n/a"
+
+
+def test_a_reply_without_the_reply_flag_fails_reply_header(serve: Any, tmp_path: Path) -> None:
+    path = serve(NoReplyFlag, ShmemRngDevice())
+    status, failed, _ = failures(path, tmp_path)
+    assert (status, failed) == (1, ["negotiation.reply_header"])
+
+
+def test_a_back_end_that_never_answers_is_a_fail_not_a_hang(serve: Any, tmp_path: Path) -> None:
+    path = serve(Mute, ShmemRngDevice())
+    started = time.monotonic()
+    status, failed, got = failures(path, tmp_path)
+    assert (status, failed) == (1, ["negotiation.features"])
+    assert set(got.values()) == {"fail", "n/a"}
+    assert time.monotonic() - started < 15
 
 
 # -- exit status 2 ------------------------------------------------------------------------------
