@@ -135,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("check-backend: interrupted", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    finally:
+        target.cleanup()
     info = report.BackendInfo(
         command,
         target.path,
