@@ -114,6 +114,17 @@ class Runner:
 
     # -- sessions ---------------------------------------------------------------------------
     def _connect(self, *, shmem_config: bool = True, negotiate: bool = True) -> Session:
+        """A new, negotiated connection. A ``-- CMD`` back-end that was on its way out (one
+        that ends with its front-end, as virtiofsd does, still holds its socket for a moment)
+        is started again and tried once more."""
+        try:
+            return self._connect_once(shmem_config, negotiate)
+        except Abort:
+            if not self.target.can_restart or self.target.wait_exit(1.0) is None:
+                raise
+        return self._connect_once(shmem_config, negotiate)
+
+    def _connect_once(self, shmem_config: bool, negotiate: bool) -> Session:
         try:
             self.target.ensure()
             session = Session(self.target.connect(self.opts.timeout), self.opts.timeout)

@@ -132,6 +132,20 @@ def test_reference_backend_started_by_the_tool(tmp_path: Path) -> None:
     assert took < 30, took
 
 
+def test_a_back_end_that_exits_with_its_front_end_is_restarted(tmp_path: Path) -> None:
+    """``--serve-once`` behaves as virtiofsd does: every fresh connection needs a restart."""
+    report_json = tmp_path / "r.json"
+    status, out, _ = check_backend(
+        "--virtio-id", "4", "--json", str(report_json), "--",
+        str(BIN / "vhost-device-shmem"), "--socket-path", "{socket}", "--serve-once",
+    )  # fmt: skip
+    assert status == 0, out
+    report = json.loads(report_json.read_text())
+    assert_clean(report, "negotiation.unknown_request", "lifecycle.reconnect")
+    reconnect = next(c for c in report["checks"] if c["id"] == "lifecycle.reconnect")
+    assert reconnect["detail"] == "exits cleanly when the front-end leaves (status 0)"
+
+
 def test_running_reference_backend_by_socket(procs: Harness, tmp_path: Path) -> None:
     back = procs.backend()
     report_json = tmp_path / "r.json"
