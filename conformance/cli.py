@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check a vhost-user back-end against the vhost-user spec and the shared-"
         "memory rules, in seconds and without a guest: negotiation, config, GET_SHMEM_CONFIG, "
         "every SHMEM_MAP/UNMAP it sends, rings, reset, reconnect.",
-        epilog=f"{EPILOG}\nchecks (the report's order; ids are stable; the destructive ones run last):\n"
-        f"{_check_list()}\n",
+        epilog=f"{EPILOG}\nchecks (the report's order; ids are stable; the destructive ones "
+        f"run last):\n{_check_list()}\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--socket", metavar="PATH", help="the back-end's vhost-user socket")
