@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import mmap
 import os
@@ -182,19 +181,6 @@ def test_wrong_size_and_extra_fds_are_answered_and_closed(
     os.close(efd)
     assert fd_count() == before
     assert fe.u64(FrontendReq.GET_FEATURES)  # still serving
-
-
-def test_an_unknown_request_asking_for_a_reply_gets_enosys(
-    fe: LockstepFrontend, backend: VhostUserDaemon
-) -> None:
-    """A front-end waiting for the status of a request number the library does not know gets
-    ENOSYS under that number, not silence (check-backend's negotiation.unknown_request)."""
-    fe.negotiate(int(ALL))
-    fe.send_raw(struct.pack("=III", 99, 0x9, 0))
-    reply = fe.sock.recv(20, socket.MSG_WAITALL)
-    assert reply == struct.pack("=IIIQ", 99, 0x5, 8, errno.ENOSYS)
-    fe.send_raw(struct.pack("=III", 99, 0x1, 0))  # without NEED_REPLY: nothing comes back
-    assert fe.u64(FrontendReq.GET_FEATURES)
 
 
 class Guest:
