@@ -35,6 +35,8 @@ from vhost_user.messages import (
 from wire.errors import RemoteProtocolError
 
 AWAIT_WINDOW = 0.02
+#: How long the rest of a message may take once its first byte is here.
+MESSAGE_DEADLINE = 5.0
 #: The status used for the deliberate refusal: "no resources", which the spec names.
 REFUSAL = errno.ENOSPC
 
@@ -130,11 +132,14 @@ class ChannelRecorder:
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                msg = read_raw(self.sock, time.monotonic() + 0.2)
-            except NoReply:
+            ready, _, _ = select.select([self.sock], [], [], 0.2)
+            if not ready:
                 continue
-            except PeerLost as exc:
+            try:
+                # A message that started arriving is read whole (or the channel is given up:
+                # the stream would be out of step).
+                msg = read_raw(self.sock, time.monotonic() + MESSAGE_DEADLINE)
+            except (NoReply, PeerLost) as exc:
                 if not self._stop.is_set():
                     self.error = str(exc)
                 return

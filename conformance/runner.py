@@ -461,6 +461,13 @@ class Runner:
         if maps.verdict is Verdict.NA and stim:
             maps = make(maps.id, Verdict.NA, f"{maps.detail} ({stim})")
         self.record(maps)
+        if recorder.error is not None:
+            if "closed" in recorder.error:
+                self.notes.append(f"the back-end closed its channel: {recorder.error}")
+            else:
+                self.record(
+                    make(maps.id, Verdict.FAIL, f"the back-end channel broke: {recorder.error}")
+                )
         self.record(checks.unmap_rules(events))
         self.record(checks.refusal(events, alive))
         self.record(checks.mappings_after_reset(events, self.dropped))
