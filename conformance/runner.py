@@ -97,11 +97,13 @@ class Runner:
     def fail(self, cid: str, exc: Exception) -> None:
         sent = getattr(exc, "sent", None)
         received = getattr(exc, "received", None)
-        detail = str(exc)
+        self.record(make(cid, Verdict.FAIL, self._why(exc), sent=sent, received=received))
+
+    def _why(self, exc: Exception) -> str:
+        """The exception's words, and the back-end's exit status if it died meanwhile."""
         status = self._crashed()
-        if status is not None:
-            detail += f" (the back-end died: exit status {status})"
-        self.record(make(cid, Verdict.FAIL, detail, sent=sent, received=received))
+        died = f" (the back-end died: exit status {status})" if status is not None else ""
+        return f"{exc}{died}"
 
     def na(self, cid: str, why: str) -> None:
         if cid not in self.results:
@@ -306,7 +308,9 @@ class Runner:
         try:
             exchange = s.get_shmem_config()
         except BackendFailed as exc:
-            self.record(checks.shmem_config(Exchange(exc.sent, None), str(exc), self.opts.timeout))
+            self.record(
+                checks.shmem_config(Exchange(exc.sent, None), self._why(exc), self.opts.timeout)
+            )
             self.na("shmem.regions", "no GET_SHMEM_CONFIG reply")
             return self._recover("shmem.get_shmem_config", shmem_config=False)
         except PeerLost as exc:
