@@ -52,6 +52,8 @@ class ChannelEvent:
     refused_on_purpose: bool = False
     #: An UNMAP of a mapping the last reset dropped (``lifecycle.mappings_after_reset``).
     unmaps_dropped: bool = False
+    #: The bytes of our answer, when one was sent.
+    reply: bytes | None = None
 
     @property
     def request(self) -> BackendReq | None:
@@ -146,7 +148,7 @@ class ChannelRecorder:
             event = self._judge(msg)
             if msg.need_reply and event.status is not None:
                 event.problems.extend(self._awaited(msg))
-                self._reply(msg, event.status)
+                event.reply = self._reply(msg, event.status)
             with self._changed:
                 self.events.append(event)
                 self._changed.notify_all()
@@ -204,7 +206,7 @@ class ChannelRecorder:
             return []
         return [(Verdict.FAIL, "the back-end sent its next request without awaiting the reply")]
 
-    def _reply(self, msg: RawMessage, status: int) -> None:
+    def _reply(self, msg: RawMessage, status: int) -> bytes:
         flags = VHOST_USER_VERSION | VhostUserHeaderFlag.REPLY
         body = VhostUserU64(status).pack()
         data = VhostUserHeader(msg.request, flags, len(body)).pack() + body
@@ -212,3 +214,4 @@ class ChannelRecorder:
             self.sock.sendall(data)
         except OSError as exc:
             self.error = f"reply to {msg.request} failed: {exc}"
+        return data

@@ -249,7 +249,8 @@ class Runner:
             s = self._recover("negotiation.protocol_features", shmem_config=False)
         has_config = self.virtio_id in CONFIG_SIZES
         self.record(checks.protocol_features(s.n.features, proto, has_config))
-        self.record(checks.shmem_bit(s.n.protocol_offered if proto is not None else None))
+        offered = s.n.protocol_offered if proto is not None else None
+        self.record(checks.shmem_bit(offered, evidence=proto))
         asked = None
         try:
             driver = VhostUserU64(s.driver_features())
@@ -527,14 +528,10 @@ class Runner:
             s.close()
         config, _ = parse_shmem_config(exchange.reply.body if exchange.reply else b"")
         if config is not None:
-            check = checks.shmem_bit(s.n.protocol_offered, answered_shmem_config=True)
-            self.results[check.id] = make(
-                check.id,
-                check.verdict,
-                check.detail,
-                sent=exchange.sent,
-                received=exchange.received,
+            check = checks.shmem_bit(
+                s.n.protocol_offered, answered_shmem_config=True, evidence=exchange
             )
+            self.results[check.id] = check
 
     def _unknown_request(self) -> None:
         cid = "negotiation.unknown_request"
