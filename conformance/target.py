@@ -88,9 +88,14 @@ class Target:
                 return
             time.sleep(0.05)
         self.stop()
+        hint = (
+            ""
+            if any(SOCKET_PLACEHOLDER in arg for arg in self.command)
+            else (f" (no {SOCKET_PLACEHOLDER} in the command: where does it listen?)")
+        )
         raise TargetError(
             f"{self.command[0]} did not listen on {self.path} within "
-            f"{self.start_timeout:g} s: {self.tail()}"
+            f"{self.start_timeout:g} s{hint}: {self.tail()}"
         )
 
     def connect(self, timeout: float) -> socket.socket:
