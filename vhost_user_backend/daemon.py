@@ -74,6 +74,7 @@ from typing import Any, TypeVar
 from vhost_user.codec import (
     Channel,
     VhostUserDecoder,
+    VhostUserHeader,
     VhostUserMessage,
     describe,
     encode,
@@ -87,10 +88,12 @@ from vhost_user.messages import (
     SHMEM_FEATURE_BIT_UPSTREAM,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_MAX_CONFIG_SIZE,
+    VHOST_USER_VERSION,
     BackendReq,
     FrontendReq,
     Payload,
     VhostUserConfig,
+    VhostUserHeaderFlag,
     VhostUserMemory,
     VhostUserMMap,
     VhostUserMMapFlag,
@@ -490,9 +493,21 @@ class VhostUserDaemon:
         try:
             req = FrontendReq(exc.request or 0)
         except ValueError:
+            if exc.reply_expected and exc.request is not None:
+                self._reply_unknown(exc.request, errno_of(exc))
             return
         stub = request(req, need_reply=exc.reply_expected)
         self._finish(stub, None, exc)
+
+    def _reply_unknown(self, number: int, code: int) -> None:
+        """A request no enum knows, with NEED_REPLY: its u64 error status under its own number,
+        so the front-end is not left waiting (built from the integers; there is no message)."""
+        assert self._conn is not None
+        flags = VHOST_USER_VERSION | VhostUserHeaderFlag.REPLY
+        body = VhostUserU64(code).pack()
+        data = VhostUserHeader(number, int(flags), len(body)).pack() + body
+        self._conn_log.debug("--> request %d reply status=%d (unknown request)", number, code)
+        send_with_fds(self._conn, data, [])
 
     def _send(self, msg: VhostUserMessage) -> None:
         assert self._conn is not None
