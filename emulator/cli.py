@@ -3,10 +3,11 @@
 Option names mirror the properties of QEMU's ``vhost-user-test-device`` so a user can move a
 back-end between QEMU's own front-end and this one without relearning anything.
 
-``virtio-emu trace FILE ...`` reads a ``--trace`` file (``emulator.trace_reader``) and
+``virtio-emu trace FILE ...`` reads a ``--trace`` file (``emulator.trace_reader``),
 ``virtio-emu monitor PATH COMMAND ...`` talks to a ``--monitor-socket``
-(``emulator.monitor.cli``). Each is dispatched on the first word before the emulator's parser
-runs, not as an argparse subcommand:
+(``emulator.monitor.cli``) and ``virtio-emu check-backend ...`` checks a vhost-user back-end
+(``conformance.cli``, the one import of ``conformance`` the emulator has). Each is
+dispatched on the first word before the emulator's parser runs, not as an argparse subcommand:
 the emulator's options stay top-level and required, every existing invocation is parsed exactly
 as before (a subparser would demand a command or make the required options conditional), and
 each keeps its own small parser and ``--help``.
@@ -20,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from conformance.cli import main as check_backend_main
 from emulator import trace_reader
 from emulator.app import run
 from emulator.config import EmulatorConfig
@@ -71,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="virtio-emu trace FILE [--socket NAME] [--type NAME] [--follow] [--json]: "
         "show a --trace file as a timeline (see virtio-emu trace --help). "
         "virtio-emu monitor PATH COMMAND [NAME=VALUE...]: ask a --monitor-socket "
-        "(see virtio-emu monitor --help).",
+        "(see virtio-emu monitor --help). "
+        "virtio-emu check-backend (--socket PATH | -- CMD ARGS...) [options]: check a vhost-user "
+        "back-end against the spec, no guest needed (see virtio-emu check-backend --help).",
     )
     parser.add_argument(
         "--vfio-user-socket",
@@ -217,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trace_reader.main(argv[1:])
     if argv[:1] == ["monitor"]:
         return monitor_cli.main(argv[1:])
+    if argv[:1] == ["check-backend"]:
+        return check_backend_main(argv[1:])
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

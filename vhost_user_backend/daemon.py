@@ -493,21 +493,22 @@ class VhostUserDaemon:
         try:
             req = FrontendReq(exc.request or 0)
         except ValueError:
-            if exc.reply_expected and exc.request is not None:
-                self._reply_unknown(exc.request, errno_of(exc))
+            self._reply_unknown(exc)
             return
         stub = request(req, need_reply=exc.reply_expected)
         self._finish(stub, None, exc)
 
-    def _reply_unknown(self, number: int, code: int) -> None:
-        """A request no enum knows, with NEED_REPLY: its u64 error status under its own number,
-        so the front-end is not left waiting (built from the integers; there is no message)."""
-        assert self._conn is not None
+    def _reply_unknown(self, exc: DecodeError) -> None:
+        """A request number we do not know, with NEED_REPLY under REPLY_ACK: the front-end
+        waits for a status, so it gets ENOSYS under that number (no enum member to encode)."""
+        ack = self.acked_protocol_features & VhostUserProtocolFeature.REPLY_ACK
+        if not (exc.reply_expected and ack) or self._conn is None or exc.request is None:
+            return
         flags = VHOST_USER_VERSION | VhostUserHeaderFlag.REPLY
-        body = VhostUserU64(code).pack()
-        data = VhostUserHeader(number, int(flags), len(body)).pack() + body
-        self._conn_log.debug("--> request %d reply status=%d (unknown request)", number, code)
-        send_with_fds(self._conn, data, [])
+        body = VhostUserU64(errno.ENOSYS).pack()
+        data = VhostUserHeader(exc.request, flags, len(body)).pack() + body
+        self._conn_log.debug("--> ENOSYS to unknown request %d", exc.request)
+        send_with_fds(self._conn, data)
 
     def _send(self, msg: VhostUserMessage) -> None:
         assert self._conn is not None
