@@ -39,7 +39,8 @@ Hooks must not wait for the front-end: QEMU does not read the back-end channel w
 for our answer, so a ``shmem_map`` there stalls until ``reply_timeout`` and loses the channel.
 ``persistent_map`` is the way to keep mappings across resets: the library maps them from its
 own thread after every RESET_DEVICE and whenever queues start, the moments both front-ends
-take a map, and forgets one when ``shmem_unmap`` removes exactly its range.
+take a map (not again at a start when the front-end took it since the last reset: that would
+map over a live mapping), and forgets one when ``shmem_unmap`` removes exactly its range.
 
 When the front-end leaves (end of stream, a reset, a fatal protocol error) everything it set up
 goes: the back-end channel, the kick/call/err fds, the guest memory mappings; the device's
@@ -290,6 +291,9 @@ class VhostUserDaemon:
         #: after it is the same reset (our emulator sends both), not a second one.
         self._reset_by_ring_stop = False
         self._persistent: dict[tuple[int, int], PersistentMapping] = {}
+        #: Persistent mappings the front-end took (or had, EEXIST) since the last reset: a
+        #: round for the queues starting does not send them again over themselves.
+        self._live: set[tuple[int, int]] = set()
         self._remap_cond = threading.Condition()
         #: Why a round is due, and for which mapping (None: all of them).
         self._remap_reasons: list[tuple[str, tuple[int, int] | None]] = []
@@ -445,6 +449,7 @@ class VhostUserDaemon:
         self.owner = False
         self._connected.clear()
         self._rings_started = self._running = False
+        self._forget_live()
         self._hook(self.device.reset, "the front-end left")
         self._hook(self.device.on_disconnect, "the front-end left")
         if self.serve_once:
@@ -652,6 +657,7 @@ class VhostUserDaemon:
             # QEMU's own front-end tells a back-end of a reset only this way. No re-map here:
             # QEMU 11.1 segfaults on a SHMEM_MAP once its device stopped (see the docstring).
             self._rings_started = False
+            self._forget_live()
             self._hook(self.device.reset, "GET_VRING_BASE stopped the last ring")
             self._reset_by_ring_stop = True
         return VhostUserVringState(state.index, base)
@@ -738,6 +744,7 @@ class VhostUserDaemon:
     def _reset_device(self, msg: VhostUserMessage) -> None:
         self._reset_vrings()
         self._rings_started = self._running = False
+        self._forget_live()
         if self._reset_by_ring_stop:  # the reset GET_VRING_BASE began: the hook ran there
             self._reset_by_ring_stop = False
         else:
@@ -869,6 +876,7 @@ class VhostUserDaemon:
             forgotten = self._persistent.get((shmid, shm_offset))
             if forgotten is not None and forgotten.length == length:
                 del self._persistent[(shmid, shm_offset)]
+                self._live.discard((shmid, shm_offset))
             else:
                 forgotten = None
         if forgotten is not None:
@@ -959,6 +967,11 @@ class VhostUserDaemon:
                 self._remap_reasons.append((reason, only))
                 self._remap_cond.notify()
 
+    def _forget_live(self) -> None:
+        """A reset: the front-end dropped every mapping."""
+        with self._remap_cond:
+            self._live.clear()
+
     def _remap_worker(self) -> None:
         """Maps the persistent mappings, one round per batch of events, off the loop thread:
         the loop keeps answering the front-end, which may read the channel only then."""
@@ -983,6 +996,17 @@ class VhostUserDaemon:
                 if not (after_reset or self._running):
                     log.info("persistent mappings not mapped (%s): the queues stopped", why)
                     break
+                # Taken since the last reset (our front-end's RESET_DEVICE round): sending it
+                # again would map over a live mapping. Behind QEMU nothing is live here: it
+                # stops the rings (GET_VRING_BASE, a reset for us) before it resets a device
+                # whose queues ran.
+                with self._remap_cond:
+                    live = (mapping.shmid, mapping.shm_offset) in self._live
+                if live and not after_reset:
+                    log.info(
+                        "persistent mapping %s still mapped (%s): not sent again", mapping, why
+                    )
+                    continue
                 if not self._restore(mapping, why):
                     break
 
@@ -1008,6 +1032,7 @@ class VhostUserDaemon:
             except FrontendRefused as exc:
                 if exc.code == errno.EEXIST:  # our front-end: it survived, nothing dropped it
                     log.info("persistent mapping %s still mapped (%s)", mapping, why)
+                    self._mark_live(mapping)
                     return True
                 if exc.code != QEMU_REFUSED:
                     raise
@@ -1023,7 +1048,13 @@ class VhostUserDaemon:
             log.warning("persistent mappings not mapped (%s): %s", why, exc)
             return False
         log.info("persistent mapping %s mapped (%s)", mapping, why)
+        self._mark_live(mapping)
         return True
+
+    def _mark_live(self, mapping: PersistentMapping) -> None:
+        with self._remap_cond:
+            if self._persistent.get((mapping.shmid, mapping.shm_offset)) is mapping:
+                self._live.add((mapping.shmid, mapping.shm_offset))
 
     def config_changed(self) -> None:
         """Tell the front-end the device config changed (CONFIG_CHANGE_MSG): it re-reads it
