@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from conformance.channel import ChannelEvent
 from conformance.peer import Exchange
 from conformance.rules import Problem, parse_shmem_config, region_problems, reply_header_problems
-from conformance.session import PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, WANTED
+from conformance.session import PROTOCOL_FEATURES, VIRTIO_F_VERSION_1
 from conformance.verdict import Check, Verdict, make
 from conformance.wire import RawMessage
 from vhost_user.messages import (
@@ -62,18 +62,21 @@ def features(exchange: Exchange) -> Check:
 
 
 def protocol_features(features_value: int, exchange: Exchange | None, has_config: bool) -> Check:
-    """GET_PROTOCOL_FEATURES answered; REPLY_ACK, BACKEND_REQ and BACKEND_SEND_FD are what a
-    shared-memory front-end needs (SHMEM_MAP travels on the back-end channel with an fd and
-    waits for its status), CONFIG when the device has a config space."""
+    """GET_PROTOCOL_FEATURES answered. A back-end with a shared-memory bit needs REPLY_ACK,
+    BACKEND_REQ and BACKEND_SEND_FD (SHMEM_MAP travels on the back-end channel with an fd and
+    waits for its status: "If VHOST_USER_PROTOCOL_F_REPLY_ACK is negotiated, and back-end set
+    the VHOST_USER_NEED_REPLY flag, the front-end must respond"); a device with a config
+    space needs CONFIG."""
     cid = "negotiation.protocol_features"
     if not features_value & PROTOCOL_FEATURES:
         return make(
             cid,
             Verdict.FAIL,
-            "VHOST_USER_F_PROTOCOL_FEATURES not offered: no "
-            "protocol feature (and no shared memory) can be negotiated",
+            "VHOST_USER_F_PROTOCOL_FEATURES not offered: no protocol feature (and no shared "
+            "memory) can be negotiated",
         )
-    if exchange is None or exchange.u64() is None:
+    offered = None if exchange is None else exchange.u64()
+    if exchange is None or offered is None:
         return make(
             cid,
             Verdict.FAIL,
@@ -81,26 +84,32 @@ def protocol_features(features_value: int, exchange: Exchange | None, has_config
             sent=None if exchange is None else exchange.sent,
             received=None if exchange is None else exchange.received,
         )
-    offered = exchange.u64() or 0
-    needed = PF.REPLY_ACK | PF.BACKEND_REQ | PF.BACKEND_SEND_FD
-    if has_config:
-        needed |= PF.CONFIG
-    missing = [f.name or "" for f in PF if f & needed and not offered & f]
-    names = [
-        f.name or "" for f in PF if offered & f and f.bit_length() - 1 not in SHMEM_FEATURE_BITS
-    ]
+    shmem_bits = set(SHMEM_FEATURE_BITS)
+    names = [f.name or "" for f in PF if offered & f and f.bit_length() - 1 not in shmem_bits]
     detail = f"offered {offered:#x} ({', '.join(names) or 'nothing'})"
-    if missing:
+    for_shmem = PF.REPLY_ACK | PF.BACKEND_REQ | PF.BACKEND_SEND_FD
+    missing = [f.name or "" for f in PF if f & for_shmem and not offered & f]
+    has_shmem = any(offered & (1 << bit) for bit in shmem_bits)
+    if missing and has_shmem:
         return make(
             cid,
-            Verdict.WARN,
-            f"{detail}; a shared-memory front-end also needs {', '.join(missing)}",
+            Verdict.FAIL,
+            f"{detail}; shared memory also needs {', '.join(missing)}: without them no "
+            "SHMEM_MAP can be sent and answered",
             sent=exchange.sent,
             received=exchange.received,
         )
-    unused = offered & ~int(WANTED) & ~sum(1 << b for b in SHMEM_FEATURE_BITS)
-    extra = f"; not used by this tool: {unused:#x}" if unused else ""
-    return make(cid, Verdict.PASS, detail + extra)
+    if has_config and not offered & PF.CONFIG:
+        return make(
+            cid,
+            Verdict.WARN,
+            f"{detail}; the device has a config space but CONFIG is not offered",
+            sent=exchange.sent,
+            received=exchange.received,
+        )
+    if missing:
+        detail += f" (shared memory would also need {', '.join(missing)})"
+    return make(cid, Verdict.PASS, detail)
 
 
 def shmem_bit(offered: int | None, answered_shmem_config: bool = False) -> Check:

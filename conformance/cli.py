@@ -132,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TargetError as exc:
         print(f"check-backend: could not run: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    except KeyboardInterrupt:
+        print("check-backend: interrupted", file=sys.stderr)
+        return EXIT_CANNOT_RUN
     info = report.BackendInfo(
         command,
         target.path,

@@ -3,8 +3,9 @@
 ``FrontendPeer.call`` sends one request and waits (bounded) for the reply with the same
 request number. A reply to a request that asked for none (a SET_* without NEED_REPLY) is no
 error here: it is kept in ``unsolicited`` for ``negotiation.reply_ack`` and skipped, so one
-mistake does not turn every later check into a failure. Anything else out of step is kept in
-``unexpected``.
+mistake does not turn every later check into a failure. Any other reply is returned as the
+answer, wrong number or not (``negotiation.reply_header`` judges it); a request on the main
+socket is kept in ``unexpected``.
 """
 
 from __future__ import annotations
@@ -121,12 +122,13 @@ class FrontendPeer:
             except PeerLost as exc:
                 self.lost = str(exc)
                 raise BackendFailed(f"{_name(req)}: {exc}", sent) from exc
-            if msg.request == req and msg.is_reply:
-                return msg
             silent = self._silent.get(msg.request)
-            if msg.is_reply and silent is not None:
+            if msg.is_reply and msg.request != req and silent is not None:
                 self.unsolicited.append((silent, msg))
                 continue
+            if msg.request == req or msg.is_reply:
+                # Returned even with a wrong number or no REPLY flag: the caller judges it.
+                return msg
             self.unexpected.append(msg)
 
     def call(
@@ -150,6 +152,12 @@ class FrontendPeer:
     def ack(self, req: FrontendReq, payload: Payload = EMPTY, fds: Sequence[int] = ()) -> Exchange:
         """A SET_* request that must succeed: ``BackendFailed`` on a non-zero status."""
         exchange = self.call(req, payload, fds)
+        if exchange.reply is not None and exchange.reply.request != req:
+            raise BackendFailed(
+                f"{req.name} answered with a reply to request {exchange.reply.request}",
+                exchange.sent,
+                exchange.received,
+            )
         status = exchange.u64()
         if exchange.reply is not None and status != 0:
             raise BackendFailed(

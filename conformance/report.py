@@ -11,6 +11,7 @@ import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 from conformance.verdict import Check, Verdict
@@ -27,6 +28,13 @@ class BackendInfo:
     virtio_id: int | None
     date: str
     notes: list[str] = field(default_factory=list)
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("virtio-shmem-emu")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def summary(checks: Sequence[Check]) -> dict[str, int]:
@@ -87,6 +95,7 @@ def markdown(info: BackendInfo, checks: Sequence[Check]) -> str:
         f"- socket: `{info.socket}`",
         f"- virtio id: {info.virtio_id if info.virtio_id is not None else 'unknown'}",
         f"- date: {info.date}",
+        f"- tool: {TOOL} (virtio-shmem-emu {tool_version()})",
     ]
     out += [f"- note: {_cell(note)}" for note in info.notes]
     counts = summary(checks)

@@ -20,8 +20,10 @@ import time
 from dataclasses import dataclass
 
 from conformance import checks
+from conformance.channel import ChannelEvent
 from conformance.memory import MAX_QUEUES, wait_call
 from conformance.peer import BackendFailed, Exchange
+from conformance.rules import parse_shmem_config
 from conformance.session import PF, PROTOCOL_FEATURES, Session
 from conformance.stimuli import (
     DEFAULT_QUEUES,
@@ -81,6 +83,8 @@ class Runner:
         self.why_not: str = "not reached"
         #: Mappings live when the front-end reset the device (``_reset``).
         self.dropped = 0
+        #: What earlier sessions' back-end channels recorded (a session lost mid-way).
+        self.past_events: list[ChannelEvent] = []
 
     # -- bookkeeping ----------------------------------------------------------------------
     def record(self, check: Check) -> None:
@@ -120,6 +124,8 @@ class Runner:
     def _recover(self, after: str, *, shmem_config: bool = True) -> Session:
         """A new main session after ``after`` broke the last one."""
         if self.session is not None:
+            if self.session.recorder is not None:
+                self.past_events += self.session.recorder.snapshot()
             self.session.close()
             self.session = None
         try:
@@ -180,8 +186,6 @@ class Runner:
         else:
             self.na("rings.vring_base", "the rings were not set up")
         s = self._reset(s)
-        if s.recorder is not None:
-            s.recorder.refuse_next_map = True
         s = self._activate(s, "lifecycle.reactivate", num_queues)
         if s.active:
             if s.recorder is not None:
@@ -384,8 +388,11 @@ class Runner:
             s.recorder.front_end_reset()
             self.dropped = len(s.recorder.dropped)
             s.recorder.phase = "reset"
+            # The first map after the reset is refused on purpose (shmem.refusal).
+            s.recorder.refuse_next_map = True
         if not s.n.has(PF.RESET_DEVICE):
-            verdict = Verdict.PASS if "rings.vring_base" in self.results else Verdict.NA
+            stopped = self.results.get("rings.vring_base")
+            verdict = Verdict.PASS if stopped and stopped.verdict is Verdict.PASS else Verdict.NA
             self.record(
                 make(
                     "lifecycle.reset",
@@ -416,7 +423,7 @@ class Runner:
                 self.na(cid, why)
             return
         recorder.settle(0.15, self.opts.timeout)
-        events = recorder.snapshot()
+        events = self.past_events + recorder.snapshot()
         alive = s.alive()
         recorder.refuse_next_map = False
         stim = "; ".join(self.notes)
@@ -447,13 +454,46 @@ class Runner:
 
     def _crashed(self) -> int | None:
         """The back-end's exit status if it ended abnormally (signal or non-zero)."""
-        status = self.target.wait_exit(0.3)
+        status = self.target.wait_exit(0.1)
         return status if status not in (None, 0) else None
 
     def _destructive(self) -> None:
+        if "negotiation.features" not in self.results or (
+            self.results["negotiation.features"].verdict is Verdict.FAIL
+            and self.results["negotiation.features"].detail.startswith("no reply")
+        ):
+            self.why_not = "not reached: the back-end does not answer GET_FEATURES"
+            return
         self._unknown_request()
+        self._unasked_shmem_config()
         self._reconnect()
         self._hostile()
+
+    def _unasked_shmem_config(self) -> None:
+        """Without a shared-memory bit, does the back-end answer GET_SHMEM_CONFIG anyway
+        (a bit under another number)? Destructive: a back-end may drop the connection."""
+        offered = self.results.get("negotiation.shmem_bit")
+        if offered is None or offered.verdict is not Verdict.NA:
+            return
+        s = self._fresh("negotiation.shmem_bit")
+        if s is None:
+            return
+        try:
+            exchange = s.peer.call(FrontendReq.GET_SHMEM_CONFIG)
+        except ERRORS:
+            return
+        finally:
+            s.close()
+        config, _ = parse_shmem_config(exchange.reply.body if exchange.reply else b"")
+        if config is not None:
+            check = checks.shmem_bit(s.n.protocol_offered, answered_shmem_config=True)
+            self.results[check.id] = make(
+                check.id,
+                check.verdict,
+                check.detail,
+                sent=exchange.sent,
+                received=exchange.received,
+            )
 
     def _unknown_request(self) -> None:
         cid = "negotiation.unknown_request"

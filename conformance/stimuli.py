@@ -210,7 +210,8 @@ class ShmemReference:
 
 class VirtioFsDax:
     """A file created in the shared directory, 8 KiB written, mapped into the DAX window
-    (SETUPMAPPING), unmapped (REMOVEMAPPING), closed and removed again."""
+    (SETUPMAPPING), unmapped (REMOVEMAPPING), mapped again elsewhere and left mapped (the
+    reset that follows drops it), closed and removed."""
 
     name = "virtiofs-dax"
     virtio_id: int | None = VIRTIO_ID_FS
@@ -242,15 +243,26 @@ class VirtioFsDax:
                 entry.nodeid,
                 SetupMappingIn(NO_FH, 0, DAX_CHUNK, flags, 0).pack(),
             )
-            steps.append(f"SETUPMAPPING: {os.strerror(err) if err else 'ok'}")
+            steps.append(f"SETUPMAPPING: {_outcome(err)}")
             if not err:
                 body = RemoveMappingIn(1).pack() + RemoveMappingOne(0, DAX_CHUNK).pack()
                 err, _ = fuse(FuseOpcode.REMOVEMAPPING, entry.nodeid, body)
-                steps.append(f"REMOVEMAPPING: {os.strerror(err) if err else 'ok'}")
+                steps.append(f"REMOVEMAPPING: {_outcome(err)}")
+                # One chunk stays mapped: the reset that follows must drop it silently.
+                err, _ = fuse(
+                    FuseOpcode.SETUPMAPPING,
+                    entry.nodeid,
+                    SetupMappingIn(NO_FH, 0, DAX_CHUNK, flags, DAX_CHUNK).pack(),
+                )
+                steps.append(f"SETUPMAPPING at 2 MiB, left mapped: {_outcome(err)}")
         finally:
             fuse(FuseOpcode.RELEASE, entry.nodeid, ReleaseIn(fh, 0, 0, 0).pack())
             fuse(FuseOpcode.UNLINK, ROOT_ID, name + b"\0")
         return ", ".join(steps)
+
+
+def _outcome(err: int) -> str:
+    return os.strerror(err) if err else "ok"
 
 
 def parse_device(text: str | None) -> Stimulus:

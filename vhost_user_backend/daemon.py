@@ -39,8 +39,9 @@ Hooks must not wait for the front-end: QEMU does not read the back-end channel w
 for our answer, so a ``shmem_map`` there stalls until ``reply_timeout`` and loses the channel.
 ``persistent_map`` is the way to keep mappings across resets: the library maps them from its
 own thread after every RESET_DEVICE and whenever queues start, the moments both front-ends
-take a map (not again at a start when the front-end took it since the last reset: that would
-map over a live mapping), and forgets one when ``shmem_unmap`` removes exactly its range.
+take a map, unless it is still live (mapped since the front-end last dropped mappings: the
+spec forbids mapping over an existing map), and forgets one when ``shmem_unmap`` removes
+exactly its range.
 
 When the front-end leaves (end of stream, a reset, a fatal protocol error) everything it set up
 goes: the back-end channel, the kick/call/err fds, the guest memory mappings; the device's
@@ -291,9 +292,12 @@ class VhostUserDaemon:
         #: after it is the same reset (our emulator sends both), not a second one.
         self._reset_by_ring_stop = False
         self._persistent: dict[tuple[int, int], PersistentMapping] = {}
-        #: Persistent mappings the front-end took (or had, EEXIST) since the last reset: a
-        #: round for the queues starting does not send them again over themselves.
+        #: Persistent mappings the front-end holds now: mapped since it last dropped them
+        #: (a reset, the front-end leaving). A live one is not sent again: the spec forbids
+        #: mapping over an existing map.
         self._live: set[tuple[int, int]] = set()
+        #: Counts the drops: a map answered across one is not known to be live.
+        self._drops = 0
         self._remap_cond = threading.Condition()
         #: Why a round is due, and for which mapping (None: all of them).
         self._remap_reasons: list[tuple[str, tuple[int, int] | None]] = []
@@ -449,7 +453,7 @@ class VhostUserDaemon:
         self.owner = False
         self._connected.clear()
         self._rings_started = self._running = False
-        self._forget_live()
+        self._mappings_dropped()
         self._hook(self.device.reset, "the front-end left")
         self._hook(self.device.on_disconnect, "the front-end left")
         if self.serve_once:
@@ -657,7 +661,7 @@ class VhostUserDaemon:
             # QEMU's own front-end tells a back-end of a reset only this way. No re-map here:
             # QEMU 11.1 segfaults on a SHMEM_MAP once its device stopped (see the docstring).
             self._rings_started = False
-            self._forget_live()
+            self._mappings_dropped()
             self._hook(self.device.reset, "GET_VRING_BASE stopped the last ring")
             self._reset_by_ring_stop = True
         return VhostUserVringState(state.index, base)
@@ -742,9 +746,9 @@ class VhostUserDaemon:
         self.device.set_config(cfg.offset, cfg.payload, cfg.flags)
 
     def _reset_device(self, msg: VhostUserMessage) -> None:
+        self._mappings_dropped()
         self._reset_vrings()
         self._rings_started = self._running = False
-        self._forget_live()
         if self._reset_by_ring_stop:  # the reset GET_VRING_BASE began: the hook ran there
             self._reset_by_ring_stop = False
         else:
@@ -903,7 +907,8 @@ class VhostUserDaemon:
         """Keep ``fd`` mapped at ``shm_offset`` of region ``shmid`` across resets.
 
         The library maps it from its own thread after every RESET_DEVICE and whenever queues
-        start (a reset behind QEMU may have been silent), and right away if queues run now;
+        start unless it is still live (every drop the back-end can see, a reset or GET_VRING_BASE
+        stopping the last ring, makes it not live), and right away if queues run now;
         never at other times, when QEMU 11.1 would crash on it (see the module docstring).
         The outcome is logged. ``fd`` stays the caller's (the daemon keeps a dup).
         ``shmem_unmap`` of exactly this range ends it. Raises ``DeviceConfigError`` for a
@@ -967,11 +972,6 @@ class VhostUserDaemon:
                 self._remap_reasons.append((reason, only))
                 self._remap_cond.notify()
 
-    def _forget_live(self) -> None:
-        """A reset: the front-end dropped every mapping."""
-        with self._remap_cond:
-            self._live.clear()
-
     def _remap_worker(self) -> None:
         """Maps the persistent mappings, one round per batch of events, off the loop thread:
         the loop keeps answering the front-end, which may read the channel only then."""
@@ -996,22 +996,19 @@ class VhostUserDaemon:
                 if not (after_reset or self._running):
                     log.info("persistent mappings not mapped (%s): the queues stopped", why)
                     break
-                # Taken since the last reset (our front-end's RESET_DEVICE round): sending it
-                # again would map over a live mapping. Behind QEMU nothing is live here: it
-                # stops the rings (GET_VRING_BASE, a reset for us) before it resets a device
-                # whose queues ran.
-                with self._remap_cond:
-                    live = (mapping.shmid, mapping.shm_offset) in self._live
-                if live and not after_reset:
-                    log.info(
-                        "persistent mapping %s still mapped (%s): not sent again", mapping, why
-                    )
-                    continue
                 if not self._restore(mapping, why):
                     break
 
+    def _mappings_dropped(self) -> None:
+        """The front-end dropped every mapping (a reset, or it left)."""
+        with self._remap_cond:
+            self._live.clear()
+            self._drops += 1
+
     def _restore(self, mapping: PersistentMapping, why: str) -> bool:
-        """Map ``mapping``; False when the channel is gone (the next channel maps it again)."""
+        """Map ``mapping`` unless it is live; False when the channel is gone (the next channel
+        maps it again)."""
+        key = (mapping.shmid, mapping.shm_offset)
 
         def map_it() -> None:
             self.shmem_map(
@@ -1025,14 +1022,19 @@ class VhostUserDaemon:
 
         try:
             with self._remap_cond:  # forgotten meanwhile (shmem_unmap): leave it be
-                if self._persistent.get((mapping.shmid, mapping.shm_offset)) is not mapping:
+                if self._persistent.get(key) is not mapping:
                     return True
+                live = key in self._live
+                drops = self._drops
+            if live:
+                log.info("persistent mapping %s still mapped (%s)", mapping, why)
+                return True
             try:
                 map_it()
             except FrontendRefused as exc:
                 if exc.code == errno.EEXIST:  # our front-end: it survived, nothing dropped it
                     log.info("persistent mapping %s still mapped (%s)", mapping, why)
-                    self._mark_live(mapping)
+                    self._mark_live(key, drops)
                     return True
                 if exc.code != QEMU_REFUSED:
                     raise
@@ -1048,13 +1050,13 @@ class VhostUserDaemon:
             log.warning("persistent mappings not mapped (%s): %s", why, exc)
             return False
         log.info("persistent mapping %s mapped (%s)", mapping, why)
-        self._mark_live(mapping)
+        self._mark_live(key, drops)
         return True
 
-    def _mark_live(self, mapping: PersistentMapping) -> None:
+    def _mark_live(self, key: tuple[int, int], drops: int) -> None:
         with self._remap_cond:
-            if self._persistent.get((mapping.shmid, mapping.shm_offset)) is mapping:
-                self._live.add((mapping.shmid, mapping.shm_offset))
+            if key in self._persistent and drops == self._drops:
+                self._live.add(key)
 
     def config_changed(self) -> None:
         """Tell the front-end the device config changed (CONFIG_CHANGE_MSG): it re-reads it
