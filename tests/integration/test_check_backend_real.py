@@ -173,3 +173,15 @@ def test_checked_in_report_is_current(tmp_path: Path) -> None:
     report = run_one(BY_NAME[name], tmp_path / "out", tmp_path / "work")
     assert report.verdicts() == verdicts(DEFAULT_OUT / f"{name}.json")
     assert "Back-end version: virtio-shmem-emu" in report.markdown.read_text()
+
+
+def test_a_backend_that_leaves_with_its_front_end_is_restarted(tmp_path: Path) -> None:
+    """Like virtiofsd, ``--serve-once`` exits when its front-end leaves: the tool starts it
+    again for each check that needs a fresh back-end, even one still on its way out."""
+    command = ["vhost-device-shmem", "--socket-path", "{socket}", "--serve-once"]
+    status, data, _ = check_backend(tmp_path, ["--virtio-id", "4", "--hostile"], command)
+    by_id = {c["id"]: c for c in data["checks"]}
+    assert status == 0
+    for cid in ("negotiation.unknown_request", "hostile.malformed", "lifecycle.reconnect"):
+        assert by_id[cid]["verdict"] == "pass", by_id[cid]
+    assert "exits cleanly" in by_id["lifecycle.reconnect"]["detail"]
