@@ -143,14 +143,16 @@ def subset(got: dict[str, str], want: dict[str, str]) -> dict[str, tuple[str | N
 @pytest.mark.toolchain
 def test_virtiofsd_from_the_toolchain(toolchain: Toolchain, tmp_path: Path) -> None:
     """Unmodified virtiofsd 1.13: everything it has passes (its config holds the tag, offsets
-    honoured); no shared memory. It exits when the front-end leaves: the tool restarts it."""
+    honoured, an unknown request refused); no shared memory. It exits when the front-end
+    leaves: the tool restarts it."""
     started = time.monotonic()
     report = run_one(BY_NAME["virtiofsd"], tmp_path / "out", tmp_path / "work")
     assert time.monotonic() - started < 60
     got = report.verdicts()
     well_formed(json.loads(report.json.read_text()))
     assert report.status == 0
-    assert subset(got, {**WORKS, **NO_SHMEM, "config.offset": "pass"}) == {}
+    honoured = {"config.offset": "pass", "negotiation.unknown_request": "pass"}
+    assert subset(got, {**WORKS, **NO_SHMEM, **honoured}) == {}
     assert "exits cleanly" in report.markdown.read_text()
     assert "Back-end version: virtiofsd 1." in report.markdown.read_text()
 
