@@ -18,7 +18,7 @@ from conformance import report
 from conformance.runner import Options, Runner
 from conformance.stimuli import parse_device
 from conformance.target import SOCKET_PLACEHOLDER, Target, TargetError
-from conformance.verdict import Verdict
+from conformance.verdict import CATALOGUE, Verdict
 
 EXIT_OK, EXIT_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
 DEFAULT_TIMEOUT = 3.0
@@ -50,13 +50,19 @@ example:
 """
 
 
+def _check_list() -> str:
+    width = max(len(info.id) for info in CATALOGUE)
+    return "\n".join(f"  {info.id:<{width}}  {info.title}" for info in CATALOGUE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="virtio-emu check-backend",
         description="Check a vhost-user back-end against the vhost-user spec and the shared-"
         "memory rules, in seconds and without a guest: negotiation, config, GET_SHMEM_CONFIG, "
         "every SHMEM_MAP/UNMAP it sends, rings, reset, reconnect.",
-        epilog=EPILOG,
+        epilog=f"{EPILOG}\nchecks (the report's order; ids are stable; the destructive ones "
+        f"run last):\n{_check_list()}\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--socket", metavar="PATH", help="the back-end's vhost-user socket")
@@ -135,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("check-backend: interrupted", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    finally:
+        target.cleanup()
     info = report.BackendInfo(
         command,
         target.path,

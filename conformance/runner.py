@@ -80,6 +80,8 @@ class Runner:
         self.session: Session | None = None
         self.samples: list[tuple[int, Exchange]] = []
         self.notes: list[str] = []
+        #: What each stimulus did (also in ``notes``), quoted when no map came.
+        self.stimulus_notes: list[str] = []
         self.why_not: str = "not reached"
         #: Mappings live when the front-end reset the device (``_reset``).
         self.dropped = 0
@@ -95,7 +97,11 @@ class Runner:
     def fail(self, cid: str, exc: Exception) -> None:
         sent = getattr(exc, "sent", None)
         received = getattr(exc, "received", None)
-        self.record(make(cid, Verdict.FAIL, str(exc), sent=sent, received=received))
+        detail = str(exc)
+        status = self._crashed()
+        if status is not None:
+            detail += f" (the back-end died: exit status {status})"
+        self.record(make(cid, Verdict.FAIL, detail, sent=sent, received=received))
 
     def na(self, cid: str, why: str) -> None:
         if cid not in self.results:
@@ -108,6 +114,17 @@ class Runner:
 
     # -- sessions ---------------------------------------------------------------------------
     def _connect(self, *, shmem_config: bool = True, negotiate: bool = True) -> Session:
+        """A new, negotiated connection. A ``-- CMD`` back-end that was on its way out (one
+        that ends with its front-end, as virtiofsd does, still holds its socket for a moment)
+        is started again and tried once more."""
+        try:
+            return self._connect_once(shmem_config, negotiate)
+        except Abort:
+            if not self.target.can_restart or self.target.wait_exit(1.0) is None:
+                raise
+        return self._connect_once(shmem_config, negotiate)
+
+    def _connect_once(self, shmem_config: bool, negotiate: bool) -> Session:
         try:
             return self._connect_once(shmem_config=shmem_config, negotiate=negotiate)
         except Abort:
@@ -170,7 +187,15 @@ class Runner:
             self._destructive()
         finally:
             self.target.close()
+            self._note_restarts()
         return self.ordered()
+
+    def _note_restarts(self) -> None:
+        if self.target.starts > 1:
+            self.notes.append(f"the back-end was started {self.target.starts} times")
+        crashes = [status for status in self.target.exits if status != 0]
+        if crashes:
+            self.notes.append(f"back-end exit statuses seen: {crashes}; log: {self.target.tail()}")
 
     def _main(self) -> None:
         s = self.session
@@ -334,6 +359,8 @@ class Runner:
     def _kick(self, s: Session, cid: str) -> None:
         request = KICK_REQUESTS.get(self.virtio_id or 0)
         if request is None:
+            if cid != "rings.kick_call":
+                return  # re-activation is judged by its messages alone
             known = ", ".join(f"{k}" for k in sorted(KICK_REQUESTS))
             self.na(
                 cid,
@@ -342,7 +369,8 @@ class Runner:
             )
             return
         if request.queue >= len(s.queues) or s.memory is None:
-            self.na(cid, f"{request.name}: queue {request.queue} not set up")
+            if cid == "rings.kick_call":
+                self.na(cid, f"{request.name}: queue {request.queue} not set up")
             return
         queue = s.queues[request.queue]
         chain = request.build(s.memory)
@@ -387,9 +415,11 @@ class Runner:
                 raise StimulusError("the rings are not set up")
             done = stimulus.fire(s)
         except (StimulusError, *ERRORS) as exc:
-            self.notes.append(f"{stimulus.name} ({phase}): {exc}")
+            self.stimulus_notes.append(f"{stimulus.name} ({phase}): {exc}")
+            self.notes.append(self.stimulus_notes[-1])
             return
-        self.notes.append(f"{stimulus.name} ({phase}): {done}")
+        self.stimulus_notes.append(f"{stimulus.name} ({phase}): {done}")
+        self.notes.append(self.stimulus_notes[-1])
         if s.recorder is not None:
             s.recorder.settle(0.15, self.opts.timeout)
 
@@ -437,7 +467,7 @@ class Runner:
         events = self.past_events + recorder.snapshot()
         alive = s.alive()
         recorder.refuse_next_map = False
-        stim = "; ".join(self.notes)
+        stim = "; ".join(self.stimulus_notes)
         maps = checks.map_rules(events)
         if maps.verdict is Verdict.NA and stim:
             maps = make(maps.id, Verdict.NA, f"{maps.detail} ({stim})")

@@ -164,6 +164,11 @@ class Target:
         return " | ".join(text[-lines:])
 
     def close(self) -> None:
+        """Stop the back-end; its log stays readable (``tail``) until ``cleanup``."""
+        self.stop()
+
+    def cleanup(self) -> None:
         self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
+            self._tmp = None

@@ -132,6 +132,20 @@ def test_reference_backend_started_by_the_tool(tmp_path: Path) -> None:
     assert took < 30, took
 
 
+def test_a_back_end_that_exits_with_its_front_end_is_restarted(tmp_path: Path) -> None:
+    """``--serve-once`` behaves as virtiofsd does: every fresh connection needs a restart."""
+    report_json = tmp_path / "r.json"
+    status, out, _ = check_backend(
+        "--virtio-id", "4", "--json", str(report_json), "--",
+        str(BIN / "vhost-device-shmem"), "--socket-path", "{socket}", "--serve-once",
+    )  # fmt: skip
+    assert status == 0, out
+    report = json.loads(report_json.read_text())
+    assert_clean(report, "negotiation.unknown_request", "lifecycle.reconnect")
+    reconnect = next(c for c in report["checks"] if c["id"] == "lifecycle.reconnect")
+    assert reconnect["detail"] == "exits cleanly when the front-end leaves (status 0)"
+
+
 def test_running_reference_backend_by_socket(procs: Harness, tmp_path: Path) -> None:
     back = procs.backend()
     report_json = tmp_path / "r.json"
@@ -355,6 +369,42 @@ def test_a_back_end_that_never_answers_is_a_fail_not_a_hang(serve: Any, tmp_path
     assert (status, failed) == (1, ["negotiation.features"])
     assert set(got.values()) == {"fail", "n/a"}
     assert time.monotonic() - started < 15
+
+
+CRASHES_ON_GET_VRING_BASE = """
+import os, sys
+from vhost_user.messages import FrontendReq
+from vhost_user_backend.daemon import VhostUserDaemon
+from vhost_user_backend.devices.shmem_reference import ShmemRngDevice
+
+class Crashy(VhostUserDaemon):
+    def _dispatch(self, msg):
+        if msg.request is FrontendReq.GET_VRING_BASE:
+            os._exit(3)
+        super()._dispatch(msg)
+
+device = ShmemRngDevice()
+device.backend = Crashy(device, sys.argv[1])
+device.backend.serve_forever()
+"""
+
+
+def test_a_crash_fails_its_check_and_the_tool_restarts_the_command(tmp_path: Path) -> None:
+    script = tmp_path / "crashy.py"
+    script.write_text(CRASHES_ON_GET_VRING_BASE)
+    report_json = tmp_path / "r.json"
+    status, out, _ = check_backend(
+        "--virtio-id", "4", "--json", str(report_json), "--", sys.executable, str(script),
+        "{socket}",
+    )  # fmt: skip
+    assert status == 1, out
+    report = json.loads(report_json.read_text())
+    got = verdicts(report)
+    assert [cid for cid, v in got.items() if v == "fail"] == ["rings.vring_base"]
+    detail = next(c["detail"] for c in report["checks"] if c["id"] == "rings.vring_base")
+    assert "exit status 3" in detail
+    assert got["lifecycle.reactivate"] == got["lifecycle.reconnect"] == "pass"
+    assert "the back-end was started 2 times" in out
 
 
 # -- exit status 2 ------------------------------------------------------------------------------
