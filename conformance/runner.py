@@ -126,17 +126,6 @@ class Runner:
 
     def _connect_once(self, shmem_config: bool, negotiate: bool) -> Session:
         try:
-            return self._connect_once(shmem_config=shmem_config, negotiate=negotiate)
-        except Abort:
-            # A back-end that leaves with its front-end (virtiofsd) may have been on its way
-            # out when we connected (gone, or its backlog reset under us): a -- CMD back-end
-            # that has exited is started again, once.
-            if not self.target.can_restart or self.target.wait_exit(1.0) is None:
-                raise
-            return self._connect_once(shmem_config=shmem_config, negotiate=negotiate)
-
-    def _connect_once(self, *, shmem_config: bool, negotiate: bool) -> Session:
-        try:
             self.target.ensure()
             session = Session(self.target.connect(self.opts.timeout), self.opts.timeout)
         except TargetError as exc:
