@@ -47,6 +47,8 @@ def _toolchain(package: str, program: str) -> Callable[[], str]:
 
     def version() -> str:
         binaries = HostBinaries(default_cache_dir() / HOST_ROOT_DIR)
+        if not binaries.loader.exists():
+            raise RuntimeError(f"no VM toolchain at {binaries.root}: run `make toolchain` first")
         argv = (
             binaries.virtiofsd_argv("--version")
             if program == "virtiofsd"
