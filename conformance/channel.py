@@ -35,6 +35,8 @@ from vhost_user.messages import (
 from wire.errors import RemoteProtocolError
 
 AWAIT_WINDOW = 0.02
+#: How long the rest of a message may take once its first byte is here.
+MESSAGE_DEADLINE = 5.0
 #: The status used for the deliberate refusal: "no resources", which the spec names.
 REFUSAL = errno.ENOSPC
 
@@ -50,6 +52,8 @@ class ChannelEvent:
     refused_on_purpose: bool = False
     #: An UNMAP of a mapping the last reset dropped (``lifecycle.mappings_after_reset``).
     unmaps_dropped: bool = False
+    #: The bytes of our answer, when one was sent.
+    reply: bytes | None = None
 
     @property
     def request(self) -> BackendReq | None:
@@ -130,18 +134,21 @@ class ChannelRecorder:
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                msg = read_raw(self.sock, time.monotonic() + 0.2)
-            except NoReply:
+            ready, _, _ = select.select([self.sock], [], [], 0.2)
+            if not ready:
                 continue
-            except PeerLost as exc:
+            try:
+                # A message that started arriving is read whole (or the channel is given up:
+                # the stream would be out of step).
+                msg = read_raw(self.sock, time.monotonic() + MESSAGE_DEADLINE)
+            except (NoReply, PeerLost) as exc:
                 if not self._stop.is_set():
                     self.error = str(exc)
                 return
             event = self._judge(msg)
             if msg.need_reply and event.status is not None:
                 event.problems.extend(self._awaited(msg))
-                self._reply(msg, event.status)
+                event.reply = self._reply(msg, event.status)
             with self._changed:
                 self.events.append(event)
                 self._changed.notify_all()
@@ -199,7 +206,7 @@ class ChannelRecorder:
             return []
         return [(Verdict.FAIL, "the back-end sent its next request without awaiting the reply")]
 
-    def _reply(self, msg: RawMessage, status: int) -> None:
+    def _reply(self, msg: RawMessage, status: int) -> bytes:
         flags = VHOST_USER_VERSION | VhostUserHeaderFlag.REPLY
         body = VhostUserU64(status).pack()
         data = VhostUserHeader(msg.request, flags, len(body)).pack() + body
@@ -207,3 +214,4 @@ class ChannelRecorder:
             self.sock.sendall(data)
         except OSError as exc:
             self.error = f"reply to {msg.request} failed: {exc}"
+        return data

@@ -112,7 +112,9 @@ def protocol_features(features_value: int, exchange: Exchange | None, has_config
     return make(cid, Verdict.PASS, detail)
 
 
-def shmem_bit(offered: int | None, answered_shmem_config: bool = False) -> Check:
+def shmem_bit(
+    offered: int | None, answered_shmem_config: bool = False, evidence: Exchange | None = None
+) -> Check:
     """Protocol feature VHOST_USER_PROTOCOL_F_SHMEM is bit 22 upstream; 20 (the draft
     patches) is GET_VRING_BASE_INFLIGHT upstream and 21 (rust-vmm vhost <= 0.16) is
     GPA_ADDRESSES."""
@@ -124,6 +126,8 @@ def shmem_bit(offered: int | None, answered_shmem_config: bool = False) -> Check
         others = [b for b in bits if b != SHMEM_FEATURE_BIT_UPSTREAM]
         more = "".join(f"; bit {b} too: {SHMEM_FEATURE_BITS[b]}" for b in others)
         return make(cid, Verdict.PASS, f"bit 22 (SHMEM upstream){more}")
+    sent = None if evidence is None else evidence.sent
+    received = None if evidence is None else evidence.received
     if bits:
         named = ", ".join(f"bit {b} ({SHMEM_FEATURE_BITS[b]})" for b in bits)
         return make(
@@ -131,10 +135,16 @@ def shmem_bit(offered: int | None, answered_shmem_config: bool = False) -> Check
             Verdict.FAIL,
             f"{named} without bit 22: draft/rust-vmm 0.16 "
             "numbering; upstream front-ends (QEMU, ours) negotiate no shared memory",
+            sent=sent,
+            received=received,
         )
     if answered_shmem_config:
         return make(
-            cid, Verdict.FAIL, "no shared-memory bit offered, yet GET_SHMEM_CONFIG was answered"
+            cid,
+            Verdict.FAIL,
+            "no shared-memory bit offered, yet GET_SHMEM_CONFIG was answered",
+            sent=sent,
+            received=received,
         )
     return make(cid, Verdict.NA, "no shared-memory bit (20, 21 or 22) offered")
 
@@ -374,11 +384,23 @@ def _judge_events(cid: str, events: Sequence[ChannelEvent], what: str) -> Check:
     if fails:
         event, text = fails[0]
         more = f" (and {len(fails) - 1} more)" if len(fails) > 1 else ""
-        return make(cid, Verdict.FAIL, f"{event.describe()}: {text}{more}", received=event.msg.raw)
+        return make(
+            cid,
+            Verdict.FAIL,
+            f"{event.describe()}: {text}{more}",
+            sent=event.reply,
+            received=event.msg.raw,
+        )
     warns = [(e, t) for e, v, t in problems if v is Verdict.WARN]
     if warns:
         event, text = warns[0]
-        return make(cid, Verdict.WARN, f"{event.describe()}: {text}", received=event.msg.raw)
+        return make(
+            cid,
+            Verdict.WARN,
+            f"{event.describe()}: {text}",
+            sent=event.reply,
+            received=event.msg.raw,
+        )
     return make(cid, Verdict.PASS, f"{len(events)} {what} checked")
 
 

@@ -97,11 +97,13 @@ class Runner:
     def fail(self, cid: str, exc: Exception) -> None:
         sent = getattr(exc, "sent", None)
         received = getattr(exc, "received", None)
-        detail = str(exc)
+        self.record(make(cid, Verdict.FAIL, self._why(exc), sent=sent, received=received))
+
+    def _why(self, exc: Exception) -> str:
+        """The exception's words, and the back-end's exit status if it died meanwhile."""
         status = self._crashed()
-        if status is not None:
-            detail += f" (the back-end died: exit status {status})"
-        self.record(make(cid, Verdict.FAIL, detail, sent=sent, received=received))
+        died = f" (the back-end died: exit status {status})" if status is not None else ""
+        return f"{exc}{died}"
 
     def na(self, cid: str, why: str) -> None:
         if cid not in self.results:
@@ -247,7 +249,8 @@ class Runner:
             s = self._recover("negotiation.protocol_features", shmem_config=False)
         has_config = self.virtio_id in CONFIG_SIZES
         self.record(checks.protocol_features(s.n.features, proto, has_config))
-        self.record(checks.shmem_bit(s.n.protocol_offered if proto is not None else None))
+        offered = s.n.protocol_offered if proto is not None else None
+        self.record(checks.shmem_bit(offered, evidence=proto))
         asked = None
         try:
             driver = VhostUserU64(s.driver_features())
@@ -306,7 +309,9 @@ class Runner:
         try:
             exchange = s.get_shmem_config()
         except BackendFailed as exc:
-            self.record(checks.shmem_config(Exchange(exc.sent, None), str(exc), self.opts.timeout))
+            self.record(
+                checks.shmem_config(Exchange(exc.sent, None), self._why(exc), self.opts.timeout)
+            )
             self.na("shmem.regions", "no GET_SHMEM_CONFIG reply")
             return self._recover("shmem.get_shmem_config", shmem_config=False)
         except PeerLost as exc:
@@ -461,6 +466,13 @@ class Runner:
         if maps.verdict is Verdict.NA and stim:
             maps = make(maps.id, Verdict.NA, f"{maps.detail} ({stim})")
         self.record(maps)
+        if recorder.error is not None:
+            if "closed" in recorder.error:
+                self.notes.append(f"the back-end closed its channel: {recorder.error}")
+            else:
+                self.record(
+                    make(maps.id, Verdict.FAIL, f"the back-end channel broke: {recorder.error}")
+                )
         self.record(checks.unmap_rules(events))
         self.record(checks.refusal(events, alive))
         self.record(checks.mappings_after_reset(events, self.dropped))
@@ -516,14 +528,10 @@ class Runner:
             s.close()
         config, _ = parse_shmem_config(exchange.reply.body if exchange.reply else b"")
         if config is not None:
-            check = checks.shmem_bit(s.n.protocol_offered, answered_shmem_config=True)
-            self.results[check.id] = make(
-                check.id,
-                check.verdict,
-                check.detail,
-                sent=exchange.sent,
-                received=exchange.received,
+            check = checks.shmem_bit(
+                s.n.protocol_offered, answered_shmem_config=True, evidence=exchange
             )
+            self.results[check.id] = check
 
     def _unknown_request(self) -> None:
         cid = "negotiation.unknown_request"
