@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export VIRTIO_EMU_CACHE ?= $(HOME)/.cache/virtio-emu
 
-.PHONY: all setup guest-tools toolchain lint typecheck unit test test-fast demo bench fuzz clean
+.PHONY: all setup guest-tools toolchain lint typecheck unit test test-fast demo bench fuzz clean \
+	backend-reports
 
 all: setup
 
@@ -34,7 +35,7 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 test-fast: setup
-	$(VENV)/bin/pytest -m "not vm and not qemu"
+	$(VENV)/bin/pytest -m "not vm and not qemu and not toolchain"
 
 test: lint typecheck toolchain
 	$(VENV)/bin/pytest
@@ -44,6 +45,10 @@ demo: toolchain
 
 bench: toolchain
 	$(PY) -m bench
+
+# docs/backends/*.md and *.json: virtio-emu check-backend on every back-end we have.
+backend-reports: toolchain
+	$(PY) -m vm.backend_reports
 
 fuzz: setup
 	$(VENV)/bin/pytest tests/fuzz --hypothesis-profile=campaign --timeout=4000

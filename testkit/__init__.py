@@ -13,6 +13,8 @@ Used by tests/, bench/ and vm/ alike, so each of these is written once:
 - ``testkit.virtio_driver``: a Linux-like virtio-pci driver over the vfio-user client.
 - ``testkit.procfs``: fd, eventfd, mapping, memory and CPU counts from ``/proc``.
 - ``testkit.fuse``: a one-file FUSE filesystem served from a thread (a real FUSE fd).
+- ``testkit.broken_backend``: a back-end correct except for the breaks it is told to make
+  (``python -m testkit.broken_backend --socket PATH --break NAME``), check-backend's proof.
 
 The reference device's control client is the device's own: ``ControlClient`` in
 ``vhost_user_backend.devices.shmem_reference`` (re-exported here); the plain one, for

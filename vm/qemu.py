@@ -7,7 +7,10 @@ host paths.
 
 ``virtio-emu-qemu`` (``main`` below) is that QEMU as a command: it behaves like
 ``qemu-system-x86_64``, every argument passed through, so a command line printed by
-``virtio-emu-vm`` can be pasted into a shell as it is.
+``virtio-emu-vm`` can be pasted into a shell as it is. ``virtio-emu-virtiofsd`` and
+``virtio-emu-storage-daemon`` do the same for the root's virtiofsd and qemu-storage-daemon, so a
+user can type them (or hand them to ``virtio-emu check-backend -- CMD``); ``--version`` is the
+program's own, ``package_version`` the Debian package's from the root's dpkg status.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 ACCEL_ENV = "VIRTIO_EMU_ACCEL"
 KVM_PROBE_FILE = "kvm-probe.json"
 WRAPPER = "virtio-emu-qemu"
+VIRTIOFSD_WRAPPER = "virtio-emu-virtiofsd"
+STORAGE_DAEMON_WRAPPER = "virtio-emu-storage-daemon"
 #: What an absent QEMU exits with in a shell: "command not found".
 NOT_FOUND = 127
 
@@ -70,11 +75,33 @@ class HostBinaries:
         fw_args = [a for d in firmware for a in ("-L", str(self.root / d))]
         return self._wrap(str(self.qemu.relative_to(self.root)), [*fw_args, *args])
 
+    @property
+    def storage_daemon(self) -> Path:
+        return self.root / "usr/bin/qemu-storage-daemon"
+
+    @property
+    def virtiofsd(self) -> Path:
+        return self.root / "usr/libexec/virtiofsd"
+
     def storage_daemon_argv(self, *args: str) -> list[str]:
-        return self._wrap("usr/bin/qemu-storage-daemon", args)
+        return self._wrap(str(self.storage_daemon.relative_to(self.root)), args)
 
     def virtiofsd_argv(self, *args: str) -> list[str]:
-        return self._wrap("usr/libexec/virtiofsd", args)
+        return self._wrap(str(self.virtiofsd.relative_to(self.root)), args)
+
+    def package_version(self, package: str) -> str | None:
+        """The Debian version of ``package`` installed in the root (``1.13.2-1+deb13u1``), or
+        None; read from the root's dpkg status, since the toolchain installs whatever Debian
+        serves on the day it is built."""
+        try:
+            status = (self.root / "var/lib/dpkg/status").read_text()
+        except OSError:
+            return None
+        for stanza in status.split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line[:40])
+            if fields.get("Package") == package and "installed" in fields.get("Status", ""):
+                return fields.get("Version")
+        return None
 
 
 def select_accel(cache: Path, image_digest: str) -> str:
@@ -115,26 +142,53 @@ def device_help(binaries: HostBinaries) -> str:
     return proc.stdout + proc.stderr
 
 
+def _host_binaries() -> HostBinaries:
+    from vm.toolchain import HOST_ROOT_DIR, default_cache_dir  # noqa: PLC0415 -- it imports this module
+
+    return HostBinaries(default_cache_dir() / HOST_ROOT_DIR)
+
+
+def _exec(wrapper: str, binary: Path, command: list[str], env: dict[str, str]) -> int:
+    """Replace this process with ``command``; 127 and a hint when the toolchain is missing."""
+    if not binary.exists():
+        print(
+            f"{wrapper}: no {binary.name} at {binary}: build the VM toolchain first "
+            "(`make toolchain` as root, or run virtio-emu-vm, which builds it)",
+            file=sys.stderr,
+        )
+        return NOT_FOUND
+    os.execve(command[0], command, env)
+    return NOT_FOUND  # not reached: execve replaces this process or raises
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``virtio-emu-qemu ARGS...``: exec the cached QEMU 11.1 with ARGS, as qemu-system-x86_64.
 
     Only the loader, its library path, the firmware ``-L`` directories and QEMU_MODULE_DIR are
     added; everything else (``--version``, ``-device help``, a whole guest) is QEMU's own.
     """
-    from vm.toolchain import HOST_ROOT_DIR, default_cache_dir  # noqa: PLC0415 -- it imports this module
-
     args = sys.argv[1:] if argv is None else list(argv)
-    binaries = HostBinaries(default_cache_dir() / HOST_ROOT_DIR)
-    if not binaries.qemu.exists():
-        print(
-            f"{WRAPPER}: no QEMU at {binaries.qemu}: build the VM toolchain first "
-            "(`make toolchain` as root, or run virtio-emu-vm, which builds it)",
-            file=sys.stderr,
-        )
-        return NOT_FOUND
-    command = binaries.qemu_argv(*args)
-    os.execve(command[0], command, binaries.env())
-    return NOT_FOUND  # not reached: execve replaces this process or raises
+    binaries = _host_binaries()
+    return _exec(WRAPPER, binaries.qemu, binaries.qemu_argv(*args), binaries.env())
+
+
+def virtiofsd_main(argv: Sequence[str] | None = None) -> int:
+    """``virtio-emu-virtiofsd ARGS...``: the root's virtiofsd with ARGS, e.g.
+    ``--socket-path=S --shared-dir=DIR --sandbox=namespace`` (it exits when its front-end
+    leaves)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    binaries = _host_binaries()
+    command = binaries.virtiofsd_argv(*args)
+    return _exec(VIRTIOFSD_WRAPPER, binaries.virtiofsd, command, binaries.env())
+
+
+def storage_daemon_main(argv: Sequence[str] | None = None) -> int:
+    """``virtio-emu-storage-daemon ARGS...``: the root's qemu-storage-daemon with ARGS, e.g. a
+    ``--export type=vhost-user-blk,...,addr.type=unix,addr.path=S`` of a ``--blockdev``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    binaries = _host_binaries()
+    command = binaries.storage_daemon_argv(*args)
+    return _exec(STORAGE_DAEMON_WRAPPER, binaries.storage_daemon, command, binaries.env())
 
 
 if __name__ == "__main__":

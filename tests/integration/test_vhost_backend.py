@@ -164,6 +164,18 @@ def test_get_shmem_config_without_the_feature_drops_the_connection(fe: LockstepF
         fe.recv()
 
 
+def test_unknown_request_gets_an_error_status_when_a_reply_is_asked_for(
+    fe: LockstepFrontend,
+) -> None:
+    fe.negotiate(int(ALL))
+    fe.send_raw(struct.pack("=III", 99, 0x1, 0))  # no NEED_REPLY: skipped, nothing sent
+    fe.send_raw(struct.pack("=III", 99, 0x1 | 0x8, 0))
+    data, fds = recv_with_fds(fe.sock, 20)
+    assert fds == []
+    assert struct.unpack("=IIIQ", data) == (99, 0x1 | 0x4, 8, errno.ENOSYS)
+    assert fe.u64(FrontendReq.GET_FEATURES)  # in step and still serving
+
+
 def test_wrong_size_and_extra_fds_are_answered_and_closed(
     fe: LockstepFrontend, backend: VhostUserDaemon
 ) -> None:
