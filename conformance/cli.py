@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the JSON report")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="write the Markdown report")
     parser.add_argument(
+        "--title", metavar="TEXT", help="the Markdown report's heading (default: the tool's name)"
+    )
+    parser.add_argument(
+        "--backend-version",
+        metavar="TEXT",
+        help="the back-end's version, recorded in both reports (the tool cannot ask for it)",
+    )
+    parser.add_argument(
         "--hostile",
         action="store_true",
         help="also send a short set of malformed messages (destructive)",
@@ -149,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner.virtio_id,
         datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         runner.notes,
+        version=args.backend_version,
+        title=args.title,
     )
     colour = sys.stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ
     sys.stdout.write(report.table(results, colour=colour))

@@ -28,6 +28,8 @@ class BackendInfo:
     virtio_id: int | None
     date: str
     notes: list[str] = field(default_factory=list)
+    version: str | None = None
+    title: str | None = None
 
 
 def tool_version() -> str:
@@ -48,7 +50,12 @@ def to_json(info: BackendInfo, checks: Sequence[Check]) -> dict[str, Any]:
     return {
         "tool": TOOL,
         "format": FORMAT,
-        "backend": {"command": info.command, "socket": info.socket, "virtio_id": info.virtio_id},
+        "backend": {
+            "command": info.command,
+            "socket": info.socket,
+            "virtio_id": info.virtio_id,
+            "version": info.version,
+        },
         "checks": [check.to_json() for check in checks],
         "summary": summary(checks),
     }
@@ -89,9 +96,10 @@ def markdown(info: BackendInfo, checks: Sequence[Check]) -> str:
     with what was sent and received and the spec sentence."""
     command = " ".join(info.command) if info.command else "(already running)"
     out = [
-        f"# {TOOL} report",
+        f"# {info.title or f'{TOOL} report'}",
         "",
         f"- back-end: `{command}`",
+        *([f"- back-end version: {info.version}"] if info.version else []),
         f"- socket: `{info.socket}`",
         f"- virtio id: {info.virtio_id if info.virtio_id is not None else 'unknown'}",
         f"- date: {info.date}",

@@ -62,7 +62,7 @@ def verdicts(report: dict[str, Any]) -> dict[str, str]:
 def assert_contract_shape(report: dict[str, Any]) -> None:
     assert report["tool"] == "virtio-emu check-backend"
     assert report["format"] == 1
-    assert set(report["backend"]) == {"command", "socket", "virtio_id"}
+    assert set(report["backend"]) == {"command", "socket", "virtio_id", "version"}
     assert [c["id"] for c in report["checks"]] == [info.id for info in CATALOGUE]
     for check in report["checks"]:
         assert set(check) == {

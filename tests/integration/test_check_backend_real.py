@@ -154,7 +154,7 @@ def test_virtiofsd_from_the_toolchain(toolchain: Toolchain, tmp_path: Path) -> N
     honoured = {"config.offset": "pass", "negotiation.unknown_request": "pass"}
     assert subset(got, {**WORKS, **NO_SHMEM, **honoured}) == {}
     assert "exits cleanly" in report.markdown.read_text()
-    assert "Back-end version: virtiofsd 1." in report.markdown.read_text()
+    assert "- back-end version: virtiofsd 1." in report.markdown.read_text()
 
 
 @pytest.mark.toolchain
@@ -174,7 +174,7 @@ def test_checked_in_report_is_current(tmp_path: Path) -> None:
     name = "vhost-device-shmem"
     report = run_one(BY_NAME[name], tmp_path / "out", tmp_path / "work")
     assert report.verdicts() == verdicts(DEFAULT_OUT / f"{name}.json")
-    assert "Back-end version: virtio-shmem-emu" in report.markdown.read_text()
+    assert "- back-end version: virtio-shmem-emu" in report.markdown.read_text()
 
 
 def test_a_backend_that_leaves_with_its_front_end_is_restarted(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ must become a fail that carries its bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -286,7 +287,12 @@ SAMPLE: list[Check] = [
 def test_json_report_shape() -> None:
     data = json.loads(report.json_text(INFO, SAMPLE))
     assert data["tool"] == "virtio-emu check-backend" and data["format"] == 1
-    assert data["backend"] == {"command": INFO.command, "socket": "/s.sock", "virtio_id": 4}
+    assert data["backend"] == {
+        "command": INFO.command,
+        "socket": "/s.sock",
+        "virtio_id": 4,
+        "version": None,
+    }
     assert data["summary"] == {"pass": 1, "fail": 1, "warn": 1, "n/a": 1}
     shmem_bit = data["checks"][1]
     assert shmem_bit == {
@@ -328,3 +334,12 @@ def test_markdown_report_has_the_evidence_of_failures() -> None:
     assert "Spec: vhost-user.rst: Protocol features" in text
     assert "### shmem.map_rules: warn" in text
     assert "### config.change_msg" not in text
+
+
+def test_markdown_and_json_carry_a_given_title_and_backend_version() -> None:
+    named = dataclasses.replace(INFO, title="virtiofsd (Debian)", version="virtiofsd 1.13.2")
+    text = report.markdown(named, SAMPLE)
+    assert text.startswith("# virtiofsd (Debian)\n")
+    assert text.count("\n# ") == 0
+    assert "- back-end version: virtiofsd 1.13.2\n" in text
+    assert report.to_json(named, SAMPLE)["backend"]["version"] == "virtiofsd 1.13.2"
