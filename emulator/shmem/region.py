@@ -173,6 +173,10 @@ class MappingInfo:
     fd_size: int | None
 
 
+_READ_ONLY = "guest write ignored: mapping is read-only"
+_PAST_EOF = "guest write past the end of the back-end's file dropped"
+
+
 class _Live:
     """One live mapping at ``addr`` in our address space; the mapping itself holds the file."""
 
@@ -454,9 +458,16 @@ class SharedMemoryRegion:
 
     def _store(self, live: _Live, rel: int, data: bytes) -> None:
         if not live.writable:
-            live.warn_once("guest write ignored: mapping is read-only")
+            live.warn_once(_READ_ONLY)
         elif self._copy_in(live.addr + rel, data):
-            live.warn_once("guest write past the end of the back-end's file dropped")
+            live.warn_once(_PAST_EOF)
+
+    def dropped_write(self, offset: int, size: int) -> None:
+        """Someone else's copy (the server's hot path) dropped a guest write to these bytes
+        because their pages fault: warn as ``write`` would, once per mapping. Holes stay
+        silent, as they are in ``write``."""
+        for _, _, live in self._table.intersecting(offset, size):
+            live.warn_once(_READ_ONLY if not live.writable else _PAST_EOF)
 
 
 class SharedMemoryBar:
@@ -601,6 +612,16 @@ class SharedMemoryBar:
             if low < high:
                 chunk = bytes(data[low - bar_offset : high - bar_offset])
                 region.write(low - region.bar_offset, chunk)
+
+    def dropped_write(self, bar_offset: int, length: int) -> None:
+        """A guest write to ``[bar_offset, +length)`` that the server's hot path copied itself
+        hit pages that fault (``vmcopy``'s rule): the warnings ``write`` gives, per mapping."""
+        end = bar_offset + length
+        for region in self.regions:
+            low = max(bar_offset, region.bar_offset)
+            high = min(end, region.bar_offset + region.size)
+            if low < high:
+                region.dropped_write(low - region.bar_offset, high - low)
 
     def reset(self) -> None:
         """Drop every mapping in every region (device reset); the reservation stays."""
