@@ -137,7 +137,9 @@ class VfioUserServer:
         self._observed = False  # DEBUG logging or tracing on; read again at every wake-up
         self._hot = HotPath(max_msg_size=m.DEFAULT_MAX_MSG_SIZE, max_fds=m.MAX_MAX_MSG_FDS)
         self._dropped_write: Callable[[int, int], None] | None = None
-        #: Kicks C wrote to an eventfd, and the writes that failed (logged).
+        #: Messages C served (the Python path never saw them), kicks it wrote to an
+        #: eventfd, and the writes that failed (logged).
+        self.hot_messages = 0
         self.hot_kicks = [0, 0]
         self._fold_into = self._configure_hot_path()
         device.set_kick_sink(self._hot)
@@ -307,6 +309,7 @@ class VfioUserServer:
         hot = self._hot
         counts = hot.take_counts()
         if counts is not None:
+            self.hot_messages += sum(counts[Count.IN_READ : Count.IN_WRITE_MULTI + 1])
             errors = self.hot_kicks[1]
             for (target, key), n in zip(self._fold_into, counts, strict=True):
                 if n:
