@@ -252,14 +252,15 @@ void hp_disarm_kicks(struct hp_conn *c)
 
 int hp_errno(struct hp_conn *c) { return c->err; }
 struct hp_cold *hp_cold_message(struct hp_conn *c) { return &c->cold; }
-uint64_t *hp_counts(struct hp_conn *c) { return c->counts; }
-int hp_dirty(struct hp_conn *c)
+int hp_pending(struct hp_conn *c)
 {
-    return (c->dirty ? 1 : 0) | (c->nrecords ? 2 : 0) | (c->ndrops ? 4 : 0);
+    return (c->dirty ? HP_PENDING_COUNTS : 0) | (c->nrecords ? HP_PENDING_RECORDS : 0) |
+           (c->ndrops ? HP_PENDING_DROPS : 0);
 }
 
-void hp_clear_counts(struct hp_conn *c)
+void hp_take_counts(struct hp_conn *c, uint64_t *out)
 {
+    memcpy(out, c->counts, sizeof(c->counts));
     memset(c->counts, 0, sizeof(c->counts));
     c->dirty = 0;
 }
@@ -670,7 +671,7 @@ static int logs_full(const struct hp_conn *c)
            (c->observed && c->nrecords > MAX_RECORDS - LOG_HEADROOM);
 }
 
-int hp_drain(struct hp_conn *c)
+static int drain(struct hp_conn *c)
 {
     c->head += c->cold_consume;
     c->cold_consume = 0;
@@ -718,4 +719,10 @@ int hp_drain(struct hp_conn *c)
         if (got != RECEIVED)
             return got;
     }
+}
+
+int hp_drain(struct hp_conn *c)
+{
+    int status = drain(c);
+    return status | hp_pending(c) << 8;
 }

@@ -93,14 +93,20 @@ void hp_set_notify(struct hp_conn *c, uint32_t region, uint64_t offset, uint32_t
 void hp_arm_kick(struct hp_conn *c, uint32_t queue, int eventfd);
 void hp_disarm_kicks(struct hp_conn *c);
 
+/* The hp_status in bits 0-7; bits 8-10 say which logs wait (HP_PENDING_*). */
 int hp_drain(struct hp_conn *c);
 int hp_errno(struct hp_conn *c);
 struct hp_cold *hp_cold_message(struct hp_conn *c);
 
 /* Logs Python empties after each hp_drain(): counts, records, drops. */
-uint64_t *hp_counts(struct hp_conn *c);
-int hp_dirty(struct hp_conn *c); /* bits: 1 counts, 2 records, 4 drops waiting */
-void hp_clear_counts(struct hp_conn *c);
+enum hp_pending {
+    HP_PENDING_COUNTS = 1,
+    HP_PENDING_RECORDS = 2,
+    HP_PENDING_DROPS = 4
+};
+int hp_pending(struct hp_conn *c);
+/* Copies the counts (HP_NCOUNTS of them) to `out` and zeroes them. */
+void hp_take_counts(struct hp_conn *c, uint64_t *out);
 struct hp_record *hp_records(struct hp_conn *c, uint32_t *n);
 struct hp_drop *hp_drops(struct hp_conn *c, uint32_t *n);
 void hp_clear_logs(struct hp_conn *c);

@@ -102,8 +102,18 @@ class Record:
     offset: int
 
 
-# hp_dirty() bits.
-_COUNTS, _RECORDS, _DROPS = 1, 2, 4
+class Pending(enum.IntFlag):
+    """Which logs wait to be taken (``enum hp_pending``), in ``drain()``'s bits 8-10."""
+
+    COUNTS = 1
+    RECORDS = 2
+    DROPS = 4
+
+
+#: ``drain()``'s result: ``status & STATUS_MASK`` is a ``Drain``, ``status >> PENDING_SHIFT``
+#: the ``Pending`` bits.
+STATUS_MASK = 0xFF
+PENDING_SHIFT = 8
 
 
 class HotPath:
@@ -116,8 +126,7 @@ class HotPath:
             raise MemoryError("cannot allocate the hot path's buffers")
         self._conn = self._ffi.gc(conn, self._lib.hp_free)
         self._n = self._ffi.new("uint32_t *")
-        self._drain = self._lib.hp_drain
-        self._dirty = self._lib.hp_dirty
+        self._counts = self._ffi.new("uint64_t[]", NUM_COUNTS)
         self.observed = False
 
     # -- configuration, all on the loop's thread between two drains -----------------------
@@ -154,9 +163,11 @@ class HotPath:
 
     # -- serving ------------------------------------------------------------------------------
 
-    def drain(self) -> Drain:
-        """Serve what is waiting; see ``Drain`` for where it stopped."""
-        return Drain(self._drain(self._conn))
+    def drain(self) -> int:
+        """Serve what is waiting: a ``Drain`` (where it stopped) in the low byte and the
+        ``Pending`` logs above it (``PENDING_SHIFT``), as one int: this runs per wake-up."""
+        result: int = self._lib.hp_drain(self._conn)
+        return result
 
     @property
     def errno(self) -> int:
@@ -171,16 +182,14 @@ class HotPath:
         cold.nfds = 0
         return data, fds
 
-    def pending(self) -> int:
-        """Non-zero when counts, records or drops wait to be taken (one call per drain)."""
-        return int(self._dirty(self._conn))
+    def pending(self) -> Pending:
+        """Which logs wait to be taken (``drain()`` says it too)."""
+        return Pending(self._lib.hp_pending(self._conn))
 
-    def take_counts(self) -> list[int] | None:
-        """The counts since the last call (indexed by ``Count``), or None if all are 0."""
-        if not self._dirty(self._conn) & _COUNTS:
-            return None
-        counts: list[int] = self._ffi.unpack(self._lib.hp_counts(self._conn), NUM_COUNTS)
-        self._lib.hp_clear_counts(self._conn)
+    def take_counts(self) -> list[int]:
+        """The counts since the last call, indexed by ``Count``; C's are zeroed."""
+        self._lib.hp_take_counts(self._conn, self._counts)
+        counts: list[int] = self._ffi.unpack(self._counts, NUM_COUNTS)
         return counts
 
     def take_logs(self) -> tuple[list[Record], list[tuple[int, int]]]:

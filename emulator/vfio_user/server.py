@@ -55,7 +55,16 @@ from emulator.vfio_user.codec import (
     error_reply_for,
     region_reply,
 )
-from emulator.vfio_user.hotpath import Count, Direction, Drain, HotPath, Record
+from emulator.vfio_user.hotpath import (
+    PENDING_SHIFT,
+    STATUS_MASK,
+    Count,
+    Direction,
+    Drain,
+    HotPath,
+    Pending,
+    Record,
+)
 from wire.errors import DecodeError, RemoteProtocolError, TransportError
 from wire.unix import send_with_fds, set_send_timeout
 
@@ -80,6 +89,8 @@ _REGION_INFO_SIZE = m.RegionInfo.STRUCT.size
 SEND_TIMEOUT = 5.0
 #: An enum class lookup costs per access.
 _READ, _WRITE = RegionPermission.READ, RegionPermission.WRITE
+_IDLE = int(Drain.IDLE)
+_COUNTS, _LOGS = int(Pending.COUNTS), int(Pending.RECORDS | Pending.DROPS)
 _IRQ_FLAGS = {
     IrqIndex.INTX: m.IrqInfoFlags.EVENTFD | m.IrqInfoFlags.MASKABLE | m.IrqInfoFlags.AUTOMASKED,
     IrqIndex.MSI: m.IrqInfoFlags.EVENTFD,
@@ -279,10 +290,11 @@ class VfioUserServer:
         hot = self._hot
         hot.set_observed(self._observed)
         while self._client is not None and self._decoder is not None:
-            status = hot.drain()
-            if hot.pending():
-                self._fold()
-            if status == Drain.IDLE:
+            result = hot.drain()
+            if result >> PENDING_SHIFT:
+                self._fold(result >> PENDING_SHIFT)
+            status = result & STATUS_MASK
+            if status == _IDLE:
                 return
             if status == Drain.COLD:
                 data, fds = hot.take_cold()
@@ -303,12 +315,13 @@ class VfioUserServer:
                 self._drop_client(f"connection lost: {os.strerror(hot.errno)}")
             # Drain.YIELD: C emptied its logs into ours; it goes on where it stopped.
 
-    def _fold(self) -> None:
-        """What C did since the last drain: counts into ``counters``, records into the DEBUG
-        lines and trace, dropped writes to the shared-memory BAR's warnings."""
+    def _fold(self, pending: int) -> None:
+        """What C did since the last drain (``pending``: which ``Pending`` logs): counts into
+        ``counters``, records into the DEBUG lines and trace, dropped writes to the
+        shared-memory BAR's warnings."""
         hot = self._hot
-        counts = hot.take_counts()
-        if counts is not None:
+        if pending & _COUNTS:
+            counts = hot.take_counts()
             self.hot_messages += sum(counts[Count.IN_READ : Count.IN_WRITE_MULTI + 1])
             errors = self.hot_kicks[1]
             for (target, key), n in zip(self._fold_into, counts, strict=True):
@@ -316,7 +329,7 @@ class VfioUserServer:
                     target[key] += n
             if self.hot_kicks[1] != errors:
                 logger.warning("%d queue kick(s) could not be written", self.hot_kicks[1] - errors)
-        if not hot.pending():
+        if not pending & _LOGS:
             return
         records, drops = hot.take_logs()
         if records:
