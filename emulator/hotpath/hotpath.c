@@ -222,6 +222,11 @@ void hp_set_shmem(struct hp_conn *c, uint32_t region, uintptr_t base, uint64_t s
     c->shm_max = max_access;
 }
 
+void hp_clear_shmem(struct hp_conn *c)
+{
+    c->has_shm = 0;
+}
+
 void hp_set_notify(struct hp_conn *c, uint32_t region, uint64_t offset, uint32_t multiplier,
                    uint32_t num_queues)
 {

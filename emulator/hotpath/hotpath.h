@@ -86,6 +86,8 @@ void hp_set_observed(struct hp_conn *c, int observed);
 /* The shared-memory BAR: guest offset X is host address base + X, always (one reservation). */
 void hp_set_shmem(struct hp_conn *c, uint32_t region, uintptr_t base, uint64_t size,
                   uint64_t max_access);
+/* The BAR stopped being plain memory (closed, or its reservation damaged): Python serves it. */
+void hp_clear_shmem(struct hp_conn *c);
 /* The notify area: queue q's slot at offset + q * multiplier in `region`. */
 void hp_set_notify(struct hp_conn *c, uint32_t region, uint64_t offset, uint32_t multiplier,
                    uint32_t num_queues);

@@ -102,7 +102,10 @@ class SharedMemoryWindow:
     process, mapped pages hold the data, everything else faults (reads zero, drops writes).
 
     ``dropped_write(bar_offset, length)`` is told about writes that hit faulting pages, so the
-    owner of the mappings can say so once per mapping, as its own ``write`` does.
+    owner of the mappings can say so once per mapping, as its own ``write`` does;
+    ``on_unusable(callback)`` registers what to call once that stops being true (the BAR is
+    closed, or a reservation could not be restored): from then on its accesses are the
+    device's again.
     """
 
     index: int
@@ -110,6 +113,7 @@ class SharedMemoryWindow:
     size: int
     max_access: int
     dropped_write: Callable[[int, int], None]
+    on_unusable: Callable[[Callable[[], None]], None]
 
 
 @dataclass(frozen=True, slots=True)

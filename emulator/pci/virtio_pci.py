@@ -211,6 +211,10 @@ class DirectShmem(Protocol):
         """A guest write to ``[bar_offset, +length)`` hit pages that fault and was dropped."""
         ...
 
+    def on_unusable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the BAR is no longer plain memory (closed or damaged)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class RegionHandler:
@@ -482,6 +486,7 @@ class VirtioPciDevice:
                 self._shmem_bar_size,
                 shmem.max_access,
                 shmem.dropped_write,
+                shmem.on_unusable,
             )
         notify = NotifyArea(
             VIRTIO_BAR, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, len(self.state.queues)

@@ -27,7 +27,7 @@ import errno as _errno
 import logging
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -228,7 +228,7 @@ class _Live:
 class _Reservation:
     """State the BAR and its regions share: the address range, the BAR-wide cap, the copier."""
 
-    __slots__ = ("address", "closed", "copier", "damaged", "limit", "live", "size")
+    __slots__ = ("address", "closed", "copier", "damaged", "limit", "live", "size", "unusable")
 
     def __init__(self, address: int, size: int, limit: int, copier: SafeCopier) -> None:
         self.address = address
@@ -238,6 +238,13 @@ class _Reservation:
         self.live = 0
         self.closed = False
         self.damaged = False
+        #: Called once the reservation stops being plain memory (``SharedMemoryBar.on_unusable``).
+        self.unusable: list[Callable[[], None]] = []
+
+    def became_unusable(self) -> None:
+        callbacks, self.unusable = self.unusable, []
+        for callback in callbacks:
+            callback()
 
 
 class SharedMemoryRegion:
@@ -379,6 +386,7 @@ class SharedMemoryRegion:
             _reserve_fixed(address, length)
         except OSError as exc:
             self._res.damaged = True
+            self._res.became_unusable()
             logger.critical(
                 "shmid %d: could not restore the reservation at %#x (+%#x): %s; "
                 "the BAR refuses further mappings and its address space will not be released",
@@ -623,6 +631,15 @@ class SharedMemoryBar:
             if low < high:
                 region.dropped_write(low - region.bar_offset, high - low)
 
+    def on_unusable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once) when the reservation stops being plain memory: the BAR is
+        closed, or a failed ``MAP_FIXED`` could not be covered again. Whoever copies guest
+        accesses at ``host_address + offset`` itself must stop then."""
+        if self._res.closed or self._res.damaged:
+            callback()
+        else:
+            self._res.unusable.append(callback)
+
     def reset(self) -> None:
         """Drop every mapping in every region (device reset); the reservation stays."""
         for region in self.regions:
@@ -634,6 +651,7 @@ class SharedMemoryBar:
         if res.closed:
             return
         res.closed = True
+        res.became_unusable()
         if res.damaged:
             logger.error("shared-memory BAR at %#x left reserved (damaged)", res.address)
         else:

@@ -150,6 +150,10 @@ class HotPath:
         """Region ``region`` is the shared-memory BAR reserved at ``host_address``."""
         self._lib.hp_set_shmem(self._conn, region, host_address, size, max_access)
 
+    def clear_shmem(self) -> None:
+        """From now on every shared-memory BAR access takes the Python path."""
+        self._lib.hp_clear_shmem(self._conn)
+
     def set_notify(self, region: int, offset: int, multiplier: int, num_queues: int) -> None:
         """Queue q's notification is a write at ``offset + q * multiplier`` of ``region``."""
         self._lib.hp_set_notify(self._conn, region, offset, multiplier, num_queues)

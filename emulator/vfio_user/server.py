@@ -252,6 +252,7 @@ class VfioUserServer:
             shm = window.index
             self._hot.set_shmem(shm, window.host_address, window.size, window.max_access)
             self._dropped_write = window.dropped_write
+            window.on_unusable(self._hot.clear_shmem)
         if access.notify is not None:
             area = access.notify
             notify = area.index

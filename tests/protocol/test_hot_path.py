@@ -439,3 +439,14 @@ def test_a_long_burst_loses_no_record_and_no_warning(
         "(further ones not logged)"
     ]
     assert rig.counters.snapshot()["bar_accesses"]["BAR4"]["writes"] == 1500
+
+
+def test_a_closed_bar_is_pythons_again(rig: Rig) -> None:
+    """Once the BAR is no longer plain memory (closed here; a reservation that could not be
+    restored is the other case) C stops copying and the Python path answers: EIO."""
+    with rig.client() as client:
+        assert client.region_read(BAR4, 0, 8) == b"\x11" * 8
+        rig.bar.close()  # from the test's thread while nothing is in flight, as ``Rig.map``
+        with pytest.raises(VfioUserError) as refused:
+            client.region_read(BAR4, 0, 8)
+        assert refused.value.errno == 5
