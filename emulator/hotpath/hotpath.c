@@ -230,9 +230,12 @@ void hp_clear_shmem(struct hp_conn *c)
 void hp_set_notify(struct hp_conn *c, uint32_t region, uint64_t offset, uint32_t multiplier,
                    uint32_t num_queues)
 {
+    c->has_notify = 0; /* until it is all set: meanwhile every kick stays Python's */
+    if (!multiplier)
+        return;
     int *fds = realloc(c->kick_fds, (num_queues ? num_queues : 1) * sizeof(int));
-    if (!fds || !multiplier)
-        return; /* no notify fast path: every kick stays Python's */
+    if (!fds)
+        return;
     c->kick_fds = fds;
     for (uint32_t q = 0; q < num_queues; q++)
         fds[q] = -1;
@@ -521,8 +524,8 @@ static int serve_write_multi(struct hp_conn *c, const struct vfio_user_header *h
         memcpy(&w, entries + i * sizeof(w), sizeof(w));
         record(c, HP_DIR_ENTRY, h, 0, w.region, w.offset, w.count);
         if (shmem_hit(c, w.region, w.offset, w.count)) {
-            shmem_write(c, w.offset, entries + i * sizeof(w) + offsetof(struct vfio_user_wr_one, data),
-                        w.count);
+            const uint8_t *data = entries + i * sizeof(w) + offsetof(struct vfio_user_wr_one, data);
+            shmem_write(c, w.offset, data, w.count);
             count(c, HP_SHMEM_WRITES, 1);
             count(c, HP_SHMEM_WRITE_BYTES, w.count);
         } else {
