@@ -12,7 +12,7 @@ all: setup
 
 # Two distributions, one pip command: the project requires vguest, and naming ./guest-tools
 # here is what makes pip take it from this tree rather than look for it on an index.
-$(VENV)/.installed: pyproject.toml guest-tools/pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py emulator/hotpath/hotpath.c emulator/hotpath/hotpath.h guest-tools/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(MAKE) -s -C guest-tools
@@ -54,5 +54,5 @@ fuzz: setup
 	$(VENV)/bin/pytest tests/fuzz --hypothesis-profile=campaign --timeout=4000
 
 clean:
-	rm -rf $(VENV) build *.egg-info guest-tools/build guest-tools/*.egg-info
+	rm -rf $(VENV) build *.egg-info emulator/_hotpath* guest-tools/build guest-tools/*.egg-info
 	$(MAKE) -s -C guest-tools clean

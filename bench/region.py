@@ -3,10 +3,12 @@
 The emulator runs in this process on a thread of its own (its event loop, its server, a real
 mmap'ed memfd in BAR 4); a QEMU-like ``VfioUserClient`` drives it in lockstep over a real UNIX
 socket. The server thread's CPU clock (``pthread_getcpuclockid``) gives its CPU time per message
-without counting the client. The per-stage breakdown times each step of the path on its own,
-with the same objects: recvmsg, decode, device dispatch (BAR -> region -> mapping lookup and
-copy), reply construction, encode, sendmsg; the rest of the per-message CPU time is the loop,
-the server's dispatch and checks. A cProfile of the server thread lists the heaviest functions.
+without counting the client. A BAR 4 read is served by the C hot path (emulator/hotpath/): the
+per-stage breakdown times its one call, ``HotPath.drain`` on a socket holding one request
+(recvmsg, the checks, process_vm_readv into the reply, send, and cffi's call overhead), with
+the same BAR; the rest of the per-message CPU time is Python's: the event loop's wake-up,
+``_on_readable`` and folding C's counts into the monitor's. A cProfile of the server thread
+lists the heaviest functions (the C part shows as one builtin, ``hp_drain``).
 
 The floor (``bench/floor.c``, a minimal C server answering from the same kind of mapping) is
 driven by the same client, loop and counts over the same kind of socket, its rounds interleaved
@@ -38,8 +40,8 @@ from emulator.config import EmulatorConfig
 from emulator.pci.device import RegionIndex
 from emulator.vfio_user import messages as m
 from emulator.vfio_user.client import VfioUserClient
-from emulator.vfio_user.codec import Message, Role, VfioUserDecoder, encode
-from wire.unix import recv_with_fds, send_with_fds
+from emulator.vfio_user.codec import Message, encode
+from emulator.vfio_user.hotpath import STATUS_MASK, Drain, HotPath
 
 BAR4 = RegionIndex.BAR4
 RAM_SIZE = 16 << 20
@@ -216,68 +218,27 @@ def _short(filename: str) -> str:
     return filename
 
 
-def _per_op_us(op: Callable[[], object], count: int) -> float:
-    start = time.perf_counter_ns()
-    for _ in range(count):
-        op()
-    return (time.perf_counter_ns() - start) / count / 1e3
-
-
 def stage_breakdown(count: int) -> dict[str, float]:
-    """Microseconds per REGION_READ for each stage of the server's path, timed separately."""
-    stages: dict[str, float] = {}
+    """Microseconds per REGION_READ in the C hot path's one call, timed alone."""
     with workdir("bench-stage-") as wd, in_process_emulator(wd) as emulator:
-        assert emulator.shmem is not None
         shmem = emulator.shmem
-        device = emulator.device
-        request = Message(m.Command.REGION_READ, 7, m.RegionAccess(0x40, BAR4, 8))
-        wire, _ = encode(request)
-        decoder = VfioUserDecoder(Role.SERVER)
-
-        def decode() -> Message | None:
-            decoder.feed(wire, ())
-            return decoder.next_message()
-
-        message = decode()
-        assert message is not None
-        reply = message.reply(m.RegionAccess(0x40, BAR4, 8, bytes(8)))
-        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with left, right:
-
-            def send_then_recv() -> None:
-                send_with_fds(left, wire, ())
-                recv_with_fds(right, 1 << 20)
-
-            round_trip = _per_op_us(send_then_recv, count)
-
-            def send_only() -> None:
-                send_with_fds(left, wire, ())
-
-            def drain() -> None:
-                with contextlib.suppress(BlockingIOError):
-                    while right.recv(1 << 20, socket.MSG_DONTWAIT):
-                        pass
-
-            sends = 0.0
-            batches = max(1, count // 100)
-            for _ in range(batches):
-                sends += _per_op_us(send_only, 100)
-                drain()
-            stages["sendmsg"] = sends / batches
-            stages["recvmsg"] = max(0.0, round_trip - stages["sendmsg"])
-        stages["decode"] = _per_op_us(decode, count)
-        stages["device.region_read (BAR dispatch + lookup + copy)"] = _per_op_us(
-            lambda: device.region_read(BAR4, 0x40, 8), count
-        )
-        stages["shmem.read (mapping lookup + copy)"] = _per_op_us(
-            lambda: shmem.read(0x40, 8), count
-        )
-        stages["build reply"] = _per_op_us(
-            lambda: message.reply(m.RegionAccess(0x40, BAR4, 8, bytes(8))), count
-        )
-        stages["encode"] = _per_op_us(lambda: encode(reply), count)
-        decoder.close()
-    return stages
+        assert shmem is not None
+        request, _ = encode(Message(m.Command.REGION_READ, 7, m.RegionAccess(0x40, BAR4, 8)))
+        hot = HotPath(max_msg_size=m.DEFAULT_MAX_MSG_SIZE, max_fds=m.MAX_MAX_MSG_FDS)
+        client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with client, server:
+            hot.attach(server.fileno())
+            hot.set_shmem(BAR4, shmem.host_address, shmem.bar_size, shmem.max_access)
+            hot.set_negotiated(m.DEFAULT_MAX_DATA_XFER_SIZE)
+            spent = 0
+            for _ in range(count):
+                client.send(request)
+                start = time.perf_counter_ns()
+                status = hot.drain()
+                spent += time.perf_counter_ns() - start
+                assert status & STATUS_MASK == Drain.IDLE and len(client.recv(64)) == 40
+            hot.detach()
+    return {"C drain (recvmsg, checks, process_vm_readv, reply, send)": spent / count / 1e3}
 
 
 #: (figure suffix, series, note) for each side's per-message figures.
@@ -354,16 +315,8 @@ def run(report: Report, *, count: int, rounds: int, profile_count: int) -> None:
             )
     stages = stage_breakdown(max(count, 2000))
     median_cpu = report.figures["fig3.inproc.region_read_cpu"].median
-    accounted = (
-        stages["recvmsg"]
-        + stages["sendmsg"]
-        + stages["decode"]
-        + stages["device.region_read (BAR dispatch + lookup + copy)"]
-        + stages["build reply"]
-        + stages["encode"]
-    )
-    stages["rest: event loop, server dispatch, access checks, trace hooks"] = max(
-        0.0, median_cpu - accounted
+    stages["rest: event loop wake-up, _on_readable, folding C's counts"] = max(
+        0.0, median_cpu - sum(stages.values())
     )
     report.details["fig3_region_read_stages_us"] = {k: round(v, 3) for k, v in stages.items()}
     report.details["fig3_region_read_profile"] = profile_server(profile_count)

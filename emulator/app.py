@@ -22,6 +22,7 @@ from emulator.monitor.server import MonitorServer
 from emulator.pci.virtio_pci import VirtioPciDevice
 from emulator.shmem import SharedMemoryBar, ShmemLayout
 from emulator.trace import Tracer
+from emulator.vfio_user import hotpath
 from emulator.vfio_user.server import VfioUserServer
 from emulator.vhost_frontend.frontend import VhostUserFrontend
 from emulator.virtio.device import VirtioDevice
@@ -52,6 +53,7 @@ class Emulator:
 
     def _build(self) -> None:
         config = self.config
+        hotpath.require()  # before waiting for a back-end: without it nothing can be served
         self.frontend: VhostUserFrontend | None = None
         sizes = dict(config.shmem_regions)
         if config.vhost_user_socket is not None:

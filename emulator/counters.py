@@ -3,9 +3,11 @@ channel's refusals by reason, and guest BAR accesses.
 
 Each is counted at one place per boundary, where the DEBUG line and the ``--trace`` record are
 already written: ``VfioUserServer._process_buffered`` (every vfio-user message in and every
-reply out), ``MessageStream`` (every vhost-user message on either socket), ``BackendChannel``
-(each refused SHMEM_MAP/UNMAP, by its ``RefusalReason``), and the server's region handlers for
-BAR accesses (the region and byte count are in the decoded access, nowhere earlier). Counting
+reply out on the Python path; ``VfioUserServer._fold`` adds what the C hot path served, after
+each drain and before the next message is handled, so nothing is missed), ``MessageStream``
+(every vhost-user message on either socket), ``BackendChannel`` (each refused
+SHMEM_MAP/UNMAP, by its ``RefusalReason``), and the server's region handlers for BAR
+accesses (the region and byte count are in the decoded access, nowhere earlier). Counting
 is always on and costs a dict or list increment: keys are the messages' own enum members (an
 ``IntEnum`` hashes as its int), turned into names only when someone asks.
 

@@ -7,6 +7,7 @@ sockets. Everything the server asks a device goes through ``PciDevice``.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,3 +86,55 @@ class PciDevice(Protocol):
     def reset(self) -> None:
         """Function-level reset (vfio-user DEVICE_RESET)."""
         ...
+
+    def direct_access(self) -> DirectAccess:
+        """The regions whose hot accesses the server may serve without asking the device."""
+        ...
+
+    def set_kick_sink(self, sink: KickSink | None) -> None:
+        """Where the device arms and disarms queue kick eventfds (the server's hot path)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SharedMemoryWindow:
+    """A BAR that is plain memory: BAR offset X is host address ``host_address + X`` in this
+    process, mapped pages hold the data, everything else faults (reads zero, drops writes).
+
+    ``dropped_write(bar_offset, length)`` is told about writes that hit faulting pages, so the
+    owner of the mappings can say so once per mapping, as its own ``write`` does;
+    ``on_unusable(callback)`` registers what to call once that stops being true (the BAR is
+    closed, or a reservation could not be restored): from then on its accesses are the
+    device's again.
+    """
+
+    index: int
+    host_address: int
+    size: int
+    max_access: int
+    dropped_write: Callable[[int, int], None]
+    on_unusable: Callable[[Callable[[], None]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyArea:
+    """Queue notifications: a 2- or 4-byte write at ``offset + queue * multiplier``."""
+
+    index: int
+    offset: int
+    multiplier: int
+    num_queues: int
+
+
+@dataclass(frozen=True, slots=True)
+class DirectAccess:
+    shmem: SharedMemoryWindow | None
+    notify: NotifyArea | None
+
+
+class KickSink(Protocol):
+    """Takes a queue's kick eventfd on loan while the queue may be kicked."""
+
+    def arm(self, queue: int, eventfd: int) -> None: ...
+
+    def disarm_all(self) -> None: ...

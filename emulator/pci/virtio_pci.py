@@ -26,13 +26,23 @@ import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from emulator.errors import ConfigError
 from emulator.pci.config import PciCapId, PciCommand, PciConfigSpace, PciReg
-from emulator.pci.device import NUM_REGIONS, DeviceRegion, IrqIndex, RegionIndex, RegionPermission
+from emulator.pci.device import (
+    NUM_REGIONS,
+    DeviceRegion,
+    DirectAccess,
+    IrqIndex,
+    KickSink,
+    NotifyArea,
+    RegionIndex,
+    RegionPermission,
+    SharedMemoryWindow,
+)
 from emulator.pci.interrupts import IrqEventfds
-from emulator.virtio.device import VirtioDevice
+from emulator.virtio.device import KickFdSource, VirtioDevice
 from emulator.virtio.state import NO_VECTOR, UNSUPPORTED_FEATURES, VirtioDeviceId, VirtioState
 
 logger = logging.getLogger(__name__)
@@ -186,6 +196,26 @@ class ShmemAccess(Protocol):
         ...
 
 
+@runtime_checkable
+class DirectShmem(Protocol):
+    """A ``ShmemAccess`` that is one reservation of our address space (``SharedMemoryBar``):
+    the server's hot path copies guest accesses at ``host_address + offset`` itself."""
+
+    @property
+    def host_address(self) -> int: ...
+
+    @property
+    def max_access(self) -> int: ...
+
+    def dropped_write(self, bar_offset: int, length: int) -> None:
+        """A guest write to ``[bar_offset, +length)`` hit pages that fault and was dropped."""
+        ...
+
+    def on_unusable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the BAR is no longer plain memory (closed or damaged)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class RegionHandler:
     """One region of the device: its size and what serves accesses inside it.
@@ -311,6 +341,8 @@ class VirtioPciDevice:
         self.config.seal()
         self._regions = self._region_table(shmem)
         self._shmem = shmem
+        self._kick_fds = backend if isinstance(backend, KickFdSource) else None
+        self._kick_sink: KickSink | None = None
 
         # Transport registers that are not part of VirtioState.
         self._device_feature_select = 0
@@ -442,6 +474,52 @@ class VirtioPciDevice:
         else:
             _clipped_write(region, index, offset, data)
 
+    def direct_access(self) -> DirectAccess:
+        """BAR 4 when it is a ``SharedMemoryBar`` (a fake stays on the Python path), and the
+        notify area of BAR 2, whose armed kicks the server writes itself."""
+        shmem = self._shmem
+        window = None
+        if self._shmem_bar_size and isinstance(shmem, DirectShmem):
+            window = SharedMemoryWindow(
+                SHMEM_BAR,
+                shmem.host_address,
+                self._shmem_bar_size,
+                shmem.max_access,
+                shmem.dropped_write,
+                shmem.on_unusable,
+            )
+        notify = NotifyArea(
+            VIRTIO_BAR, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, len(self.state.queues)
+        )
+        return DirectAccess(window, notify)
+
+    def set_kick_sink(self, sink: KickSink | None) -> None:
+        """The server's hot path: armed with each running queue's kick eventfd (see
+        ``_arm_kicks``), disarmed before the ``VirtioDevice`` may close them."""
+        if self._kick_sink is not None:
+            self._kick_sink.disarm_all()
+        self._kick_sink = sink
+        self._arm_kicks()
+
+    def disarm_kicks(self) -> None:
+        """Stop lending kick eventfds: the device is stopping or its owner closes them."""
+        if self._kick_sink is not None:
+            self._kick_sink.disarm_all()
+
+    def _arm_kicks(self) -> None:
+        """Arm what ``_notify_write`` would kick at once: enabled queues of an active device
+        whose ``VirtioDevice`` has a kick eventfd (a standalone device has none)."""
+        sink, source = self._kick_sink, self._kick_fds
+        if sink is None:
+            return
+        sink.disarm_all()
+        if source is None or not self.state.active:
+            return
+        for queue in self.state.queues:
+            fd = source.kick_fd(queue.index) if queue.enabled else None
+            if fd is not None:
+                sink.arm(queue.index, fd)
+
     def irq_count(self, index: int) -> int:
         if index == IrqIndex.MSIX:
             return self.num_vectors
@@ -520,6 +598,7 @@ class VirtioPciDevice:
             self.intx.trigger(0)
 
     def _reset_virtio(self) -> None:
+        self.disarm_kicks()
         self._drop_mappings()
         self.state.reset()
         self._device_feature_select = 0
@@ -535,6 +614,7 @@ class VirtioPciDevice:
         """Bus mastering off means no more DMA: stop the back-end, as QEMU's virtio-pci does."""
         if self.config.get_u16(PciReg.COMMAND) & PciCommand.MASTER or not self.state.active:
             return
+        self.disarm_kicks()
         logger.info("bus mastering disabled: stopping the device")
         self.state.stop()
 
@@ -718,6 +798,7 @@ class VirtioPciDevice:
             for queue in sorted(self._pending_kicks):
                 self._kick(queue)
             self._pending_kicks.clear()
+            self._arm_kicks()
 
     # ISR, device config, notifications
 

@@ -27,7 +27,7 @@ import errno as _errno
 import logging
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -173,6 +173,10 @@ class MappingInfo:
     fd_size: int | None
 
 
+_READ_ONLY = "guest write ignored: mapping is read-only"
+_PAST_EOF = "guest write past the end of the back-end's file dropped"
+
+
 class _Live:
     """One live mapping at ``addr`` in our address space; the mapping itself holds the file."""
 
@@ -224,7 +228,7 @@ class _Live:
 class _Reservation:
     """State the BAR and its regions share: the address range, the BAR-wide cap, the copier."""
 
-    __slots__ = ("address", "closed", "copier", "damaged", "limit", "live", "size")
+    __slots__ = ("address", "closed", "copier", "damaged", "limit", "live", "size", "unusable")
 
     def __init__(self, address: int, size: int, limit: int, copier: SafeCopier) -> None:
         self.address = address
@@ -234,6 +238,13 @@ class _Reservation:
         self.live = 0
         self.closed = False
         self.damaged = False
+        #: Called once the reservation stops being plain memory (``SharedMemoryBar.on_unusable``).
+        self.unusable: list[Callable[[], None]] = []
+
+    def became_unusable(self) -> None:
+        callbacks, self.unusable = self.unusable, []
+        for callback in callbacks:
+            callback()
 
 
 class SharedMemoryRegion:
@@ -375,6 +386,7 @@ class SharedMemoryRegion:
             _reserve_fixed(address, length)
         except OSError as exc:
             self._res.damaged = True
+            self._res.became_unusable()
             logger.critical(
                 "shmid %d: could not restore the reservation at %#x (+%#x): %s; "
                 "the BAR refuses further mappings and its address space will not be released",
@@ -454,9 +466,16 @@ class SharedMemoryRegion:
 
     def _store(self, live: _Live, rel: int, data: bytes) -> None:
         if not live.writable:
-            live.warn_once("guest write ignored: mapping is read-only")
+            live.warn_once(_READ_ONLY)
         elif self._copy_in(live.addr + rel, data):
-            live.warn_once("guest write past the end of the back-end's file dropped")
+            live.warn_once(_PAST_EOF)
+
+    def dropped_write(self, offset: int, size: int) -> None:
+        """Someone else's copy (the server's hot path) dropped a guest write to these bytes
+        because their pages fault: warn as ``write`` would, once per mapping. Holes stay
+        silent, as they are in ``write``."""
+        for _, _, live in self._table.intersecting(offset, size):
+            live.warn_once(_READ_ONLY if not live.writable else _PAST_EOF)
 
 
 class SharedMemoryBar:
@@ -602,6 +621,25 @@ class SharedMemoryBar:
                 chunk = bytes(data[low - bar_offset : high - bar_offset])
                 region.write(low - region.bar_offset, chunk)
 
+    def dropped_write(self, bar_offset: int, length: int) -> None:
+        """A guest write to ``[bar_offset, +length)`` that the server's hot path copied itself
+        hit pages that fault (``vmcopy``'s rule): the warnings ``write`` gives, per mapping."""
+        end = bar_offset + length
+        for region in self.regions:
+            low = max(bar_offset, region.bar_offset)
+            high = min(end, region.bar_offset + region.size)
+            if low < high:
+                region.dropped_write(low - region.bar_offset, high - low)
+
+    def on_unusable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once) when the reservation stops being plain memory: the BAR is
+        closed, or a failed ``MAP_FIXED`` could not be covered again. Whoever copies guest
+        accesses at ``host_address + offset`` itself must stop then."""
+        if self._res.closed or self._res.damaged:
+            callback()
+        else:
+            self._res.unusable.append(callback)
+
     def reset(self) -> None:
         """Drop every mapping in every region (device reset); the reservation stays."""
         for region in self.regions:
@@ -613,6 +651,7 @@ class SharedMemoryBar:
         if res.closed:
             return
         res.closed = True
+        res.became_unusable()
         if res.damaged:
             logger.error("shared-memory BAR at %#x left reserved (damaged)", res.address)
         else:

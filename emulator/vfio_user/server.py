@@ -1,19 +1,25 @@
 """The vfio-user server: one UNIX socket, one client at a time, one handler per command.
 
-Every message travels the same straight line through this file: ``_on_readable`` receives
-every message already waiting (posted writes arrive in bursts), the codec decodes each one,
-``_handle`` picks the handler, the handler asks the ``PciDevice`` and returns the reply, and
-``_send`` encodes and writes it. Handlers do no I/O; a ``RemoteProtocolError`` they raise
+Two kinds of message, each with one path. The hot ones, a guest's accesses to the
+shared-memory BAR and its kicks of running queues (nearly all the traffic), are served in C
+(``hotpath.HotPath``, emulator/hotpath/hotpath.c): when the socket is readable ``_on_readable``
+calls ``drain()``, which receives every waiting message, answers the hot ones with
+``process_vm_readv/writev`` or an eventfd write, sends their replies, and stops at the first
+other message. That one comes back here byte for byte with its fds and takes the straight
+line through this file: the codec decodes it, ``_handle`` picks the handler, the handler asks
+the ``PciDevice`` and returns the reply, and ``_send`` encodes and writes it; then ``drain()``
+goes on. So replies keep the order of requests, and every refusal, error reply and log line is
+Python's: C serves only what the Python path would have served silently (the access checks,
+the sizes, negotiation, no fds). Handlers do no I/O; a ``RemoteProtocolError`` they raise
 becomes an error reply with its errno. A framing error or a dead socket drops the client,
 resets the device and waits for the next client; nothing a client sends stops the server.
 
-There is one path, whatever the logging: the DEBUG line per message and the ``--trace``
-record are observers at the I/O boundary (``_observe``), switched by one boolean read per
-wake-up, so what is debugged is what runs. A guest BAR access stays cheap without a path of
-its own: the codec decodes and encodes region accesses with precomputed structs, and the
-access checks use per-region tables built once (measured with ``python -m bench --only fig3``).
-The monitor's counters are not observers: they are always on, a dict increment per message in
-``_process_buffered`` and a list increment per access in the region handlers (``counters``).
+Logging never changes the path: the DEBUG line per message and the ``--trace`` record are
+observers at the I/O boundary (``_observe``), switched by one boolean read per wake-up; for
+hot messages C keeps compact records while observed and they become the same lines and records
+after each drain. The monitor's counters are always on: C counts what it served and
+``_fold`` adds that to ``counters`` after each drain; the Python path counts a dict increment
+per message in ``_process_buffered`` and a list increment per access in the region handlers.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from emulator.counters import Counters
 from emulator.loop import EventLoop
@@ -48,8 +55,18 @@ from emulator.vfio_user.codec import (
     error_reply_for,
     region_reply,
 )
+from emulator.vfio_user.hotpath import (
+    PENDING_SHIFT,
+    STATUS_MASK,
+    Count,
+    Direction,
+    Drain,
+    HotPath,
+    Pending,
+    Record,
+)
 from wire.errors import DecodeError, RemoteProtocolError, TransportError
-from wire.unix import close_fds, recv_with_fds, send_with_fds, set_send_timeout
+from wire.unix import send_with_fds, set_send_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +75,6 @@ TRACE_CHANNEL = "vfio-user"
 #: Logged (followed by the socket path) once the socket accepts a client; launchers wait for it.
 READY_LINE = "ready: listening for a vfio-user client on "
 
-#: Below glibc's mmap threshold: a 1 MiB buffer cost an mmap, mremap and munmap per message.
-#: Longer messages simply arrive in several reads (the decoder reassembles them).
-RECV_BUFFER = 64 << 10
 PAGE_SIZE = 4096
 MAX_DMA_MAPS = 65535
 #: What we tell the client in the VERSION reply; max_msg_fds stays within the spec's 16.
@@ -75,6 +89,8 @@ _REGION_INFO_SIZE = m.RegionInfo.STRUCT.size
 SEND_TIMEOUT = 5.0
 #: An enum class lookup costs per access.
 _READ, _WRITE = RegionPermission.READ, RegionPermission.WRITE
+_IDLE = int(Drain.IDLE)
+_COUNTS, _LOGS = int(Pending.COUNTS), int(Pending.RECORDS | Pending.DROPS)
 _IRQ_FLAGS = {
     IrqIndex.INTX: m.IrqInfoFlags.EVENTFD | m.IrqInfoFlags.MASKABLE | m.IrqInfoFlags.AUTOMASKED,
     IrqIndex.MSI: m.IrqInfoFlags.EVENTFD,
@@ -130,6 +146,14 @@ class VfioUserServer:
         self._readable = tuple(bool(i.access & RegionPermission.READ) for i in self._region_infos)
         self._writable = tuple(bool(i.access & RegionPermission.WRITE) for i in self._region_infos)
         self._observed = False  # DEBUG logging or tracing on; read again at every wake-up
+        self._hot = HotPath(max_msg_size=m.DEFAULT_MAX_MSG_SIZE, max_fds=m.MAX_MAX_MSG_FDS)
+        self._dropped_write: Callable[[int, int], None] | None = None
+        #: Messages C served (the Python path never saw them), kicks it wrote to an
+        #: eventfd, and the writes that failed (logged).
+        self.hot_messages = 0
+        self.hot_kicks = [0, 0]
+        self._fold_into = self._configure_hot_path()
+        device.set_kick_sink(self._hot)
         self._handlers: dict[m.Command, Handler] = {
             m.Command.VERSION: self._version,
             m.Command.DMA_MAP: self._dma_map,
@@ -191,6 +215,7 @@ class VfioUserServer:
         client.setblocking(True)
         set_send_timeout(client, SEND_TIMEOUT)
         self._client = client
+        self._hot.attach(client.fileno())
         self._decoder = VfioUserDecoder(Role.SERVER)
         self._negotiated = False
         self._max_data_xfer = m.DEFAULT_MAX_DATA_XFER_SIZE
@@ -204,6 +229,7 @@ class VfioUserServer:
             return
         logger.info("vfio-user client gone: %s", reason)
         self.loop.remove_reader(client.fileno())
+        self._hot.detach()
         client.close()
         decoder.close()
         self._client = self._decoder = None
@@ -215,38 +241,103 @@ class VfioUserServer:
 
     # -- receive, dispatch, reply ----------------------------------------------------------
 
-    def _on_readable(self) -> None:
-        """Drain everything already waiting: one wake-up may carry many posted writes.
+    def _configure_hot_path(self) -> list[tuple[Any, Any]]:
+        """Tell C where the shared-memory BAR and the notify area are; returns where each of
+        its counts (``Count`` order) is added: the same counters the Python path uses."""
+        access = self.device.direct_access()
+        bar = self.counters.bar
+        shm = notify = 0
+        if access.shmem is not None:
+            window = access.shmem
+            shm = window.index
+            self._hot.set_shmem(shm, window.host_address, window.size, window.max_access)
+            self._dropped_write = window.dropped_write
+            window.on_unusable(self._hot.clear_shmem)
+        if access.notify is not None:
+            area = access.notify
+            notify = area.index
+            self._hot.set_notify(notify, area.offset, area.multiplier, area.num_queues)
+        received, sent = self._received, self._sent
+        read, write, multi = (
+            m.Command.REGION_READ,
+            m.Command.REGION_WRITE,
+            m.Command.REGION_WRITE_MULTI,
+        )
+        targets: dict[Count, tuple[Any, Any]] = {
+            Count.IN_READ: (received, read),
+            Count.IN_WRITE: (received, write),
+            Count.IN_WRITE_MULTI: (received, multi),
+            Count.OUT_READ: (sent, read),
+            Count.OUT_WRITE: (sent, write),
+            Count.OUT_WRITE_MULTI: (sent, multi),
+            Count.SHMEM_READS: (bar.reads, shm),
+            Count.SHMEM_READ_BYTES: (bar.read_bytes, shm),
+            Count.SHMEM_WRITES: (bar.writes, shm),
+            Count.SHMEM_WRITE_BYTES: (bar.write_bytes, shm),
+            Count.NOTIFY_WRITES: (bar.writes, notify),
+            Count.NOTIFY_WRITE_BYTES: (bar.write_bytes, notify),
+            Count.KICKS: (self.hot_kicks, 0),
+            Count.KICK_ERRORS: (self.hot_kicks, 1),
+        }
+        return [targets[count] for count in Count]
 
-        A read that came back short without fds emptied the socket, so we return rather than
-        pay one more recvmsg (and a BlockingIOError) per message; the selector is
-        level-triggered, so anything that arrived meanwhile wakes us again at once.
+    def _on_readable(self) -> None:
+        """Let C serve everything waiting; take each message it hands back on our path.
+
+        C stops at such a message only after sending the replies before it, and goes on from
+        the next one when called again; it returns IDLE once the socket is empty.
         """
         self._observed = self.tracer.enabled or logger.isEnabledFor(logging.DEBUG)
+        hot = self._hot
+        hot.set_observed(self._observed)
         while self._client is not None and self._decoder is not None:
-            try:
-                data, fds = recv_with_fds(self._client, RECV_BUFFER, nonblocking=True)
-            except BlockingIOError:
+            result = hot.drain()
+            if result >> PENDING_SHIFT:
+                self._fold(result >> PENDING_SHIFT)
+            status = result & STATUS_MASK
+            if status == _IDLE:
                 return
-            except (TransportError, DecodeError, RemoteProtocolError, OSError) as exc:
-                self._drop_client(str(exc))
-                return
-            if not data:
-                close_fds(fds)
+            if status == Drain.COLD:
+                data, fds = hot.take_cold()
+                try:
+                    self._decoder.feed(data, fds)
+                    self._process_buffered()
+                except TransportError as exc:
+                    self._drop_client(str(exc))
+                    return
+                except RemoteProtocolError as exc:
+                    self._drop_client(f"protocol error: {exc}")
+                    return
+            elif status == Drain.EOF:
                 self._drop_client("end of stream")
-                return
-            drained = len(data) < RECV_BUFFER and not fds
-            try:
-                self._decoder.feed(data, fds)
-                self._process_buffered()
-            except TransportError as exc:
-                self._drop_client(str(exc))
-                return
-            except RemoteProtocolError as exc:
-                self._drop_client(f"protocol error: {exc}")
-                return
-            if drained:
-                return
+            elif status == Drain.TOO_MANY_FDS:
+                self._drop_client(f"peer sent more than {m.MAX_MAX_MSG_FDS} fds in one message")
+            elif status == Drain.ERROR:
+                self._drop_client(f"connection lost: {os.strerror(hot.errno)}")
+            # Drain.YIELD: C emptied its logs into ours; it goes on where it stopped.
+
+    def _fold(self, pending: int) -> None:
+        """What C did since the last drain (``pending``: which ``Pending`` logs): counts into
+        ``counters``, records into the DEBUG lines and trace, dropped writes to the
+        shared-memory BAR's warnings."""
+        hot = self._hot
+        if pending & _COUNTS:
+            counts = hot.take_counts()
+            self.hot_messages += counts[0] + counts[1] + counts[2]  # Count.IN_*
+            errors = self.hot_kicks[1]
+            for (target, key), n in zip(self._fold_into, counts, strict=True):
+                if n:
+                    target[key] += n
+            if self.hot_kicks[1] != errors:
+                logger.warning("%d queue kick(s) could not be written", self.hot_kicks[1] - errors)
+        if not pending & _LOGS:
+            return
+        records, drops = hot.take_logs()
+        if records:
+            self._observe_records(records)
+        if drops and self._dropped_write is not None:
+            for offset, length in drops:
+                self._dropped_write(offset, length)
 
     def _process_buffered(self) -> None:
         decoder = self._decoder
@@ -345,6 +436,40 @@ class VfioUserServer:
                 error=message.error if message.is_error else None,
             )
 
+    def _observe_records(self, records: list[Record]) -> None:
+        """C's records as the messages the Python path would have observed: same DEBUG lines,
+        same trace records (bulk data is only ever shown by its length)."""
+        at = 0
+        while at < len(records):
+            r = records[at]
+            at += 1
+            command = m.Command(r.command)
+            payload: m.Payload
+            if r.direction == Direction.IN:
+                if command is m.Command.REGION_WRITE_MULTI:
+                    entries = records[at : at + r.count]
+                    at += r.count
+                    payload = m.RegionWriteMulti(
+                        tuple(
+                            m.RegionAccess(e.offset, e.region, e.count, bytes(e.count))
+                            for e in entries
+                        )
+                    )
+                else:
+                    data = bytes(r.count) if command is m.Command.REGION_WRITE else b""
+                    payload = m.RegionAccess(r.offset, r.region, r.count, data)
+                flags = m.HeaderFlags(r.flags)
+                message = Message(command, r.msg_id, payload, (), m.MsgType.COMMAND, flags)
+                self._observe(message, "in", r.size)
+            elif r.direction == Direction.OUT:
+                if command is m.Command.REGION_WRITE_MULTI:
+                    payload = m.RegionWriteMultiReply(r.count)
+                else:
+                    data = bytes(r.count) if command is m.Command.REGION_READ else b""
+                    payload = m.RegionAccess(r.offset, r.region, r.count, data)
+                message = Message(command, r.msg_id, payload, (), m.MsgType.REPLY)
+                self._observe(message, "out", r.size)
+
     def _observe_refused(self, exc: DecodeError, raw_reply: bytes | None) -> None:
         """A message the codec refused (its raw header, fd count and why, framing errors
         included), and the error reply it gets (if one is due)."""
@@ -387,6 +512,7 @@ class VfioUserServer:
         xfer = client_caps.get(m.CAP_MAX_DATA_XFER_SIZE, m.DEFAULT_MAX_DATA_XFER_SIZE)
         self._max_data_xfer = min(int(xfer), m.DEFAULT_MAX_DATA_XFER_SIZE)
         self._negotiated = True
+        self._hot.set_negotiated(self._max_data_xfer)
         logger.info("vfio-user client speaks %d.%d: %s", request.major, request.minor, client_caps)
         reply = m.Version(0, 0, {m.CAPABILITIES: dict(SERVER_CAPABILITIES)})
         return message.reply(reply)

@@ -65,6 +65,8 @@ class TransportDevice(Protocol):
 
     def queue_interrupt(self, queue: int) -> None: ...
 
+    def disarm_kicks(self) -> None: ...
+
 
 class VhostUserFrontend:
     """Implements ``VirtioDevice`` (and the channel's ``ChannelHandler``) by forwarding to a
@@ -180,6 +182,10 @@ class VhostUserFrontend:
         fd = self._kick_fds.get(queue)
         if fd is not None:
             os.eventfd_write(fd, 1)
+
+    def kick_fd(self, queue: int) -> int | None:
+        """The transport lends it to the server's hot path, which writes it itself."""
+        return self._kick_fds.get(queue)
 
     # -- ChannelHandler ---------------------------------------------------------------------
 
@@ -338,6 +344,8 @@ class VhostUserFrontend:
                 self._device.set_needs_reset()
 
     def _close_queue_fds(self) -> None:
+        if self._device is not None:
+            self._device.disarm_kicks()  # nobody writes them once they are closed
         close_fds(list(self._kick_fds.values()))
         self._kick_fds.clear()
         for fd in self._own_call_fds.values():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,4 +74,14 @@ class VirtioDevice(Protocol):
 
     def kick(self, queue: int) -> None:
         """The driver notified ``queue`` (an enabled queue of an active device)."""
+        ...
+
+
+@runtime_checkable
+class KickFdSource(Protocol):
+    """A ``VirtioDevice`` whose kicks are eventfd writes: the transport lends the fds to the
+    server's hot path, which then kicks without calling ``kick``. Optional."""
+
+    def kick_fd(self, queue: int) -> int | None:
+        """The eventfd ``kick(queue)`` writes, while it is open; None otherwise."""
         ...

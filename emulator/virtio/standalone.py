@@ -50,3 +50,7 @@ class StandaloneDevice:
     def kick(self, queue: int) -> None:
         if 0 <= queue < self.num_queues:
             self.kicks[queue] += 1
+
+    def kick_fd(self, queue: int) -> int | None:
+        """None: every kick is counted here, on the Python path."""
+        return None

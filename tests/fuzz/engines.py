@@ -535,6 +535,8 @@ class VfioEngine:
 
     def _step(self, client: RawVfioClient, draw: Draw) -> bool:
         """One message; False when the server (rightly) dropped the connection."""
+        if draw.chance(25):
+            return self._guest_access(client, draw)
         command = draw.choice(_COMMANDS * 3 + [0, 13, 99, 0xFFFF])
         body = _payload_for(command, draw)
         mutation = draw.int(0, 9)
@@ -602,6 +604,43 @@ class VfioEngine:
             raise InvariantBroken(f"command {command} id {msg_id} got {len(answered)} replies")
         if not reply_expected and answered:
             raise InvariantBroken(f"command {command} flags {flags:#x} was answered")
+        return True
+
+    def _guest_access(self, client: RawVfioClient, draw: Draw) -> bool:
+        """A well-formed BAR 4 access between the hostile messages, as a guest makes them: the
+        server's C hot path serves these, and the same barrier checks its replies."""
+        size = 1 << 16  # the campaign's BAR: one 64 KiB region
+        count = draw.choice((1, 2, 4, 8, 16, PAGE, size))
+        offset = draw.int(0, size - count)
+        command = draw.choice((vm.Command.REGION_READ, vm.Command.REGION_WRITE))
+        posted = command == vm.Command.REGION_WRITE and draw.chance(50)
+        data = (
+            draw.raw(min(count, 16)).ljust(count, b"\0")
+            if command == vm.Command.REGION_WRITE
+            else b""
+        )
+        body = struct.pack("<QII", offset, SHMEM_BAR, count) + data
+        msg_id = draw.int(0, BARRIER_ID - 1)
+        header = struct.pack("<HHIII", msg_id, command, 16 + len(body), 0x10 if posted else 0, 0)
+        try:
+            client.send_raw(header + body)
+            self.stats.messages += 1
+            if posted:
+                return True
+            reply = client.wait_reply(msg_id, [])
+        except PeerGone:
+            return self._dropped(False, f"after a guest {command.name} {count}@{offset:#x}")
+        except TimeoutError:
+            self.stats.hangs += 1
+            raise InvariantBroken(f"no answer to a guest {command.name}") from None
+        expected = count if command == vm.Command.REGION_READ else 0
+        payload = reply.payload
+        if (
+            reply.is_error
+            or not isinstance(payload, vm.RegionAccess)
+            or len(payload.data) != expected
+        ):
+            raise InvariantBroken(f"guest {command.name} {count}@{offset:#x} answered {reply}")
         return True
 
     def _dropped(self, expected: bool, when: str) -> bool:

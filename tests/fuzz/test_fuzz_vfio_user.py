@@ -34,6 +34,8 @@ def test_vfio_user_sessions(workdir: Path) -> None:
         sessions()
         with connect_client(config.vfio_user_socket) as client:
             check_alive(running, client)
+        # BAR 4 accesses the C hot path served under the same invariants.
+        assert running.emulator.server.hot_messages > 0
     assert stats.messages > 0
 
 

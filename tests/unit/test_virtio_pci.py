@@ -943,3 +943,58 @@ def test_bus_master_off_stops_the_back_end_and_driver_ok_restarts_it() -> None:
     assert len(backend.activations) == 2
     assert backend.activations[0] == backend.activations[1]
     assert backend.kicks == [0]  # the kick made while stopped is delivered on restart
+
+
+# Kick eventfds lent to the server's hot path
+
+
+@dataclass
+class FakeKickDevice(FakeDevice):
+    """A back-end whose kicks are eventfd writes (as the vhost-user front-end's)."""
+
+    def kick_fd(self, queue: int) -> int | None:
+        return 100 + queue if self.activations and not self.deactivations else None
+
+
+@dataclass
+class RecordingSink:
+    armed: dict[int, int] = field(default_factory=dict)
+    disarms: int = 0
+
+    def arm(self, queue: int, eventfd: int) -> None:
+        self.armed[queue] = eventfd
+
+    def disarm_all(self) -> None:
+        self.armed.clear()
+        self.disarms += 1
+
+
+def test_kick_fds_are_lent_while_the_queue_may_be_kicked() -> None:
+    dev, backend = make(FakeKickDevice())
+    sink = RecordingSink()
+    dev.set_kick_sink(sink)
+    drv = Driver(dev)
+    drv.cfg_write(PciReg.COMMAND, PciCommand.MEMORY | PciCommand.MASTER, 2)
+    assert drv.negotiate(F_VERSION_1)
+    drv.setup_queue(0, 128, 1, 0x10000)  # queue 1 stays disabled
+    assert sink.armed == {}
+    drv.add_status(DeviceStatus.DRIVER_OK)
+    assert sink.armed == {0: 100}
+    drv.cfg_write(PciReg.COMMAND, PciCommand.MEMORY, 2)  # bus mastering off: stopped
+    assert sink.armed == {}
+    drv.cfg_write(PciReg.COMMAND, PciCommand.MEMORY | PciCommand.MASTER, 2)
+    backend.deactivations = 0
+    drv.add_status(DeviceStatus.DRIVER_OK)
+    assert sink.armed == {0: 100}
+    drv.reset()
+    assert sink.armed == {}
+    dev.disarm_kicks()  # what the front-end calls before it closes them
+    assert sink.armed == {}
+
+
+def test_a_device_without_kick_fds_lends_nothing() -> None:
+    dev, _ = make()
+    sink = RecordingSink()
+    dev.set_kick_sink(sink)
+    bring_up(Driver(dev))
+    assert sink.armed == {}
