@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from conformance.channel import ChannelEvent
-from conformance.peer import Exchange
+from conformance.peer import Exchange, evidence
 from conformance.rules import Problem, parse_shmem_config, region_problems, reply_header_problems
 from conformance.session import PROTOCOL_FEATURES, VIRTIO_F_VERSION_1
 from conformance.verdict import Check, Verdict, make
@@ -43,8 +43,7 @@ def features(exchange: Exchange) -> Check:
             "negotiation.features",
             Verdict.FAIL,
             "the reply is not a u64",
-            sent=exchange.sent,
-            received=exchange.received,
+            **evidence(exchange),
         )
     missing = []
     if not value & VIRTIO_F_VERSION_1:
@@ -55,8 +54,7 @@ def features(exchange: Exchange) -> Check:
             "negotiation.features",
             Verdict.FAIL,
             f"features {value:#x} lack {', '.join(missing)}{note}",
-            sent=exchange.sent,
-            received=exchange.received,
+            **evidence(exchange),
         )
     return make("negotiation.features", Verdict.PASS, f"features {value:#x}{note}")
 
@@ -96,16 +94,14 @@ def protocol_features(features_value: int, exchange: Exchange | None, has_config
             Verdict.FAIL,
             f"{detail}; shared memory also needs {', '.join(missing)}: without them no "
             "SHMEM_MAP can be sent and answered",
-            sent=exchange.sent,
-            received=exchange.received,
+            **evidence(exchange),
         )
     if has_config and not offered & PF.CONFIG:
         return make(
             cid,
             Verdict.WARN,
             f"{detail}; the device has a config space but CONFIG is not offered",
-            sent=exchange.sent,
-            received=exchange.received,
+            **evidence(exchange),
         )
     if missing:
         detail += f" (shared memory would also need {', '.join(missing)})"
@@ -199,7 +195,7 @@ def reply_header(samples: Sequence[tuple[int, Exchange]]) -> Check:
         for verdict, text in reply_header_problems(exchange.reply, request):
             problems.append((verdict, text))
             if verdict is Verdict.FAIL:
-                return make(cid, Verdict.FAIL, text, sent=exchange.sent, received=exchange.received)
+                return make(cid, Verdict.FAIL, text, **evidence(exchange))
     if not samples:
         return make(cid, Verdict.NA, "no reply seen")
     if problems:
@@ -220,8 +216,7 @@ def get_config(exchange: Exchange | None, size: int, offered: bool) -> Check:
             cid,
             Verdict.WARN,
             f"empty reply (an error) to {size} bytes at offset 0",
-            sent=exchange.sent,
-            received=exchange.received,
+            **evidence(exchange),
         )
     try:
         cfg = VhostUserConfig.unpack(body)
@@ -230,16 +225,14 @@ def get_config(exchange: Exchange | None, size: int, offered: bool) -> Check:
             cid,
             Verdict.FAIL,
             f"malformed reply: {exc}",
-            sent=exchange.sent,
-            received=exchange.received,
+            **evidence(exchange),
         )
     if cfg.size != size or len(cfg.payload) != size:
         return make(
             cid,
             Verdict.FAIL,
             f"answered {cfg.size} bytes for {size}",
-            sent=exchange.sent,
-            received=exchange.received,
+            **evidence(exchange),
         )
     return make(cid, Verdict.PASS, f"{size} bytes at offset 0")
 
@@ -257,8 +250,7 @@ def config_offset(whole: bytes | None, offset: int, exchange: Exchange | None) -
             cid,
             Verdict.FAIL,
             f"malformed reply: {exc}",
-            sent=exchange.sent,
-            received=exchange.received,
+            **evidence(exchange),
         )
     want = whole[offset:]
     if cfg.payload == want:
@@ -271,15 +263,13 @@ def config_offset(whole: bytes | None, offset: int, exchange: Exchange | None) -
             Verdict.WARN,
             f"offset {offset} ignored: the answer starts at offset "
             "0 (libvhost-user style); front-ends must always read from offset 0",
-            sent=exchange.sent,
-            received=exchange.received,
+            **evidence(exchange),
         )
     return make(
         cid,
         Verdict.FAIL,
         f"at offset {offset}: neither the slice nor the start",
-        sent=exchange.sent,
-        received=exchange.received,
+        **evidence(exchange),
     )
 
 
@@ -317,7 +307,7 @@ def shmem_config(exchange: Exchange | None, error: str | None, timeout: float) -
         )
     config, problem = parse_shmem_config(exchange.reply.body)
     if config is None:
-        return make(cid, Verdict.FAIL, problem, sent=exchange.sent, received=exchange.received)
+        return make(cid, Verdict.FAIL, problem, **evidence(exchange))
     size = len(exchange.reply.body)
     if size < 2056:
         return make(
@@ -350,8 +340,7 @@ def regions(exchange: Exchange | None) -> Check:
             cid,
             _worst(problems),
             "; ".join(t for _, t in problems),
-            sent=exchange.sent,
-            received=exchange.received,
+            **evidence(exchange),
         )
     count = config.nregions
     return make(cid, Verdict.PASS, f"{count} region(s), page multiples, nregions consistent")
@@ -441,8 +430,7 @@ def vring_base(
                 cid,
                 Verdict.FAIL,
                 f"queue {q}: malformed reply",
-                sent=exchange.sent,
-                received=exchange.received,
+                **evidence(exchange),
             )
         index, num = (
             int.from_bytes(reply.body[:4], "little"),
@@ -453,8 +441,7 @@ def vring_base(
                 cid,
                 Verdict.FAIL,
                 f"queue {q}: reply names queue {index}",
-                sent=exchange.sent,
-                received=exchange.received,
+                **evidence(exchange),
             )
         avail, done = posted.get(q, 0), used.get(q, 0)
         if num > avail or num != done:
@@ -462,8 +449,7 @@ def vring_base(
                 cid,
                 Verdict.FAIL,
                 f"queue {q}: base {num}, {avail} made available, used idx {done}",
-                sent=exchange.sent,
-                received=exchange.received,
+                **evidence(exchange),
             )
         details.append(f"q{q}={num}")
     return make(cid, Verdict.PASS, "base == used idx: " + ", ".join(details))

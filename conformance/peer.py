@@ -14,27 +14,13 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 from conformance.wire import NoReply, PeerLost, RawMessage, read_raw
 from vhost_user.codec import encode, request
-from vhost_user.messages import EMPTY, FrontendReq, Payload, VhostUserU64
+from vhost_user.messages import ANSWERED_REQUESTS, EMPTY, FrontendReq, Payload, VhostUserU64
 from wire.errors import TransportError
 from wire.unix import send_with_fds
-
-#: Requests that are answered whether or not NEED_REPLY is set.
-ANSWERED = frozenset(
-    {
-        FrontendReq.GET_FEATURES,
-        FrontendReq.GET_PROTOCOL_FEATURES,
-        FrontendReq.GET_QUEUE_NUM,
-        FrontendReq.GET_VRING_BASE,
-        FrontendReq.GET_CONFIG,
-        FrontendReq.GET_SHMEM_CONFIG,
-        FrontendReq.GET_MAX_MEM_SLOTS,
-        FrontendReq.GET_INFLIGHT_FD,
-        FrontendReq.GET_STATUS,
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +39,18 @@ class Exchange:
         if self.reply is None or len(self.reply.body) != VhostUserU64.STRUCT.size:
             return None
         return VhostUserU64.unpack(self.reply.body).value
+
+
+class Evidence(TypedDict):
+    """``make``'s evidence arguments: what was sent and what came back."""
+
+    sent: bytes | None
+    received: bytes | None
+
+
+def evidence(exchange: Exchange | BackendFailed) -> Evidence:
+    """The bytes of ``exchange`` for a ``Check``: ``make(..., **evidence(exchange))``."""
+    return {"sent": exchange.sent, "received": exchange.received}
 
 
 class BackendFailed(Exception):
@@ -93,10 +91,10 @@ class FrontendPeer:
         need_reply: bool | None = None,
     ) -> bytes:
         """Send ``req``; its bytes. ``need_reply`` None means: as ``ack_all`` says."""
-        need = self.ack_all and req not in ANSWERED if need_reply is None else need_reply
+        need = self.ack_all and req not in ANSWERED_REQUESTS if need_reply is None else need_reply
         data, _ = encode(request(req, payload, fds=fds, need_reply=need))
         self.send_raw(data, fds)
-        if not need and req not in ANSWERED:
+        if not need and req not in ANSWERED_REQUESTS:
             self._silent[int(req)] = data
         return data
 
@@ -142,8 +140,8 @@ class FrontendPeer:
     ) -> Exchange:
         """Send ``req`` and wait for its reply when one is due."""
         sent = self.send(req, payload, fds, need_reply=need_reply)
-        due = req in ANSWERED or (
-            need_reply if need_reply is not None else self.ack_all and req not in ANSWERED
+        due = req in ANSWERED_REQUESTS or (
+            need_reply if need_reply is not None else self.ack_all and req not in ANSWERED_REQUESTS
         )
         if not due:
             return Exchange(sent, None)

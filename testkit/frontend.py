@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vhost_user.codec import Channel, VhostUserDecoder, VhostUserMessage, encode, reply_to, request
 from vhost_user.messages import (
+    ANSWERED_REQUESTS,
     EMPTY,
     BackendReq,
     FrontendReq,
@@ -31,19 +32,6 @@ from vhost_user.messages import (
 )
 from wire.errors import TransportError
 from wire.unix import connect_unix, recv_with_fds, send_with_fds
-
-#: Requests whose reply comes whether or not REPLY_ACK was asked for.
-_ANSWERED = frozenset(
-    {
-        FrontendReq.GET_FEATURES,
-        FrontendReq.GET_PROTOCOL_FEATURES,
-        FrontendReq.GET_QUEUE_NUM,
-        FrontendReq.GET_VRING_BASE,
-        FrontendReq.GET_CONFIG,
-        FrontendReq.GET_SHMEM_CONFIG,
-        FrontendReq.GET_MAX_MEM_SLOTS,
-    }
-)
 
 
 class LockstepFrontend:
@@ -79,7 +67,7 @@ class LockstepFrontend:
     ) -> VhostUserMessage | None:
         """Send ``req``; its reply if one is due (asked for, or a GET_*), else None."""
         self.send(request(req, payload, fds=fds or [], need_reply=need_reply))
-        if need_reply or req in _ANSWERED:
+        if need_reply or req in ANSWERED_REQUESTS:
             reply = self.recv()
             assert reply.request is req, (req, reply.request)
             return reply

@@ -529,6 +529,22 @@ _E: tuple[type[Payload], ...] = (NoPayload,)
 _U64: tuple[type[Payload], ...] = (VhostUserU64,)
 _STATE: tuple[type[Payload], ...] = (VhostUserVringState,)
 
+#: Requests answered whether or not NEED_REPLY is set: the GET_* ones, whose reply carries
+#: what was asked (the REPLY_ACK u64 is only for the others).
+ANSWERED_REQUESTS = frozenset(
+    {
+        FrontendReq.GET_FEATURES,
+        FrontendReq.GET_PROTOCOL_FEATURES,
+        FrontendReq.GET_QUEUE_NUM,
+        FrontendReq.GET_VRING_BASE,
+        FrontendReq.GET_CONFIG,
+        FrontendReq.GET_SHMEM_CONFIG,
+        FrontendReq.GET_MAX_MEM_SLOTS,
+        FrontendReq.GET_INFLIGHT_FD,
+        FrontendReq.GET_STATUS,
+    }
+)
+
 FRONTEND_SPECS: dict[FrontendReq, MessageSpec] = {
     FrontendReq.GET_FEATURES: MessageSpec(_E, _U64),
     FrontendReq.SET_FEATURES: MessageSpec(_U64),
