@@ -369,27 +369,18 @@ def unmap_rules(events: Sequence[ChannelEvent]) -> Check:
 
 def _judge_events(cid: str, events: Sequence[ChannelEvent], what: str) -> Check:
     problems = [(e, v, t) for e in events for v, t in e.problems]
-    fails = [(e, t) for e, v, t in problems if v is Verdict.FAIL]
-    if fails:
-        event, text = fails[0]
-        more = f" (and {len(fails) - 1} more)" if len(fails) > 1 else ""
-        return make(
-            cid,
-            Verdict.FAIL,
-            f"{event.describe()}: {text}{more}",
-            sent=event.reply,
-            received=event.msg.raw,
-        )
-    warns = [(e, t) for e, v, t in problems if v is Verdict.WARN]
-    if warns:
-        event, text = warns[0]
-        return make(
-            cid,
-            Verdict.WARN,
-            f"{event.describe()}: {text}",
-            sent=event.reply,
-            received=event.msg.raw,
-        )
+    for verdict in (Verdict.FAIL, Verdict.WARN):
+        found = [(e, t) for e, v, t in problems if v is verdict]
+        if found:
+            event, text = found[0]
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            return make(
+                cid,
+                verdict,
+                f"{event.describe()}: {text}{more}",
+                sent=event.reply,
+                received=event.msg.raw,
+            )
     return make(cid, Verdict.PASS, f"{len(events)} {what} checked")
 
 
