@@ -14,6 +14,7 @@ import mmap
 import os
 import select
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -384,6 +385,18 @@ class VirtioDriver:
         """One exact-width guest read at ``offset`` inside region ``shmid``."""
         region = self.shm_region(shmid)
         return self.client.region_read(region.bar, region.offset + offset, width)
+
+    def shm_wait_for(self, shmid: int, offset: int, want: bytes, timeout: float = 5.0) -> bytes:
+        """What ``len(want)`` bytes at ``offset`` read once they read ``want``, or after
+        ``timeout``: a back-end may map in answer to a reset from a thread of its own (the
+        library's persistent mappings), so that map can land just after the reset's last
+        reply, as it can in a guest."""
+        deadline = time.monotonic() + timeout
+        while (data := self.shm_read(shmid, offset, len(want))) != want:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        return data
 
     def shm_write(self, shmid: int, offset: int, data: bytes, *, posted: bool = False) -> None:
         region = self.shm_region(shmid)

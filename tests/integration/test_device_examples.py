@@ -33,16 +33,6 @@ def u64(data: bytes) -> int:
     return int.from_bytes(data, "little")
 
 
-def after_remap(driver: VirtioDriver, offset: int, size: int, want: bytes) -> bytes:
-    """What ``size`` bytes at ``offset`` of region 0 read once they read ``want`` (or after
-    5 s): the library maps persistent mappings again from a worker thread, so the map that
-    answers a reset may reach the emulator just after the reset's last reply."""
-    deadline = time.monotonic() + 5.0
-    while (data := driver.shm_read(0, offset, size)) != want and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return data
-
-
 def frame_counter(driver: VirtioDriver) -> int:
     return u64(driver.shm_read(0, framebuffer.FRAME_OFFSET, 8))
 
@@ -67,7 +57,7 @@ def test_framebuffer_header_and_a_moving_frame_counter_across_a_reset(procs: Har
         # A reset drops every mapping; the persistent one is back without the device asking.
         driver.common_write(DEVICE_STATUS, 0, 1)
         assert driver.status == 0
-        assert after_remap(driver, 0, 4, b"VFB0") == b"VFB0"
+        assert driver.shm_wait_for(0, 0, b"VFB0") == b"VFB0"
         assert frame_counter(driver) >= second
     back.stop()
 
@@ -101,7 +91,7 @@ def test_doorbell_round_trip_writes_a_record_and_returns_the_head(procs: Harness
         # After a device reset the ring is mapped again and keeps its records.
         driver.common_write(DEVICE_STATUS, 0, 1)
         assert driver.status == 0
-        assert u64(after_remap(driver, doorbell.HEAD_OFFSET, 8, (4).to_bytes(8, "little"))) == 4
+        assert u64(driver.shm_wait_for(0, doorbell.HEAD_OFFSET, (4).to_bytes(8, "little"))) == 4
     back.stop()
 
 

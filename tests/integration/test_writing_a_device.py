@@ -45,7 +45,7 @@ def test_the_guides_device_maps_its_pattern_for_the_guest(procs: Harness, tmp_pa
             assert driver.wait_used(0) == (head, 32)
             driver.common_write(DEVICE_STATUS, 0, 1)  # a reset: the mapping comes back
             assert driver.status == 0
-            assert driver.shm_read(0, 0x100, 8) == expected[0x100:0x108]
+            assert driver.shm_wait_for(0, 0x100, expected[0x100:0x108]) == expected[0x100:0x108]
         finally:
             driver.close_msix()
     back.stop()
