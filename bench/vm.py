@@ -30,7 +30,7 @@ from typing import Any, cast
 
 from bench.procs import shmem_backend, wait_negotiated, workdir
 from bench.report import Report
-from bench.shmem import ROUND_TRIP_REGION, record_round_trips, round_trips
+from bench.shmem import ROUND_TRIP_REGION, process_cpu_clock, record_round_trips, round_trips
 from testkit import ProcessGroup, start_emulator
 from testkit.procfs import cpu_seconds
 from vm.guest import Guest
@@ -275,7 +275,13 @@ def _guest_bar_bench(report: Report, guest: Guest, counts: VmCounts, emulator_pi
     """Guest accesses per target; for our BAR 4 reads also where each read's time goes: the
     emulator's and QEMU's process CPU around those runs, per read, beside the wall time."""
     targets = _bench_targets()
-    split = {"reads": 0, "wall": 0.0, "emulator_cpu": 0.0, "qemu_cpu": 0.0}
+    clocks = {
+        "wall": time.monotonic_ns,
+        "emulator_cpu": process_cpu_clock(emulator_pid),
+        "qemu_cpu": process_cpu_clock(guest.pid),
+    }
+    spent_ns = dict.fromkeys(clocks, 0)
+    timed_reads = 0
     plan: dict[str, dict[str, tuple[str, int]]] = {
         "ours_bar4": {
             "read": ("1,4,8", counts.trapped_reads),
@@ -291,14 +297,12 @@ def _guest_bar_bench(report: Report, guest: Guest, counts: VmCounts, emulator_pi
             for op, (widths, count) in ops.items():
                 timed = name == "ours_bar4" and op == "read"
                 if timed:
-                    emu0, qemu0 = cpu_seconds(emulator_pid), cpu_seconds(guest.pid)
-                    wall0 = time.monotonic()
+                    start = {part: clock() for part, clock in clocks.items()}
                 data = guest.json(targets[name](widths, count, op), timeout=600)
                 if timed:
-                    split["wall"] += time.monotonic() - wall0
-                    split["emulator_cpu"] += cpu_seconds(emulator_pid) - emu0
-                    split["qemu_cpu"] += cpu_seconds(guest.pid) - qemu0
-                    split["reads"] += count * len(widths.split(","))
+                    for part, clock in clocks.items():
+                        spent_ns[part] += clock() - start[part]
+                    timed_reads += count * len(widths.split(","))
                 for result in data["results"]:
                     key = (name, op, int(result["width"]))
                     pair = (float(result["ops_per_s"]), float(result["bytes_per_s"]) / 1e6)
@@ -317,13 +321,12 @@ def _guest_bar_bench(report: Report, guest: Guest, counts: VmCounts, emulator_pi
             met=met,
         )
         report.add(f"fig3.guest.{name}.{op}.w{width}.MBps", [p[1] for p in pairs], "MB/s")
-    if split["reads"]:
-        reads = split.pop("reads")
+    if timed_reads:
         report.details["fig3_guest_read_split_us"] = {
-            **{key: round(value / reads * 1e6, 1) for key, value in split.items()},
+            **{part: round(ns / timed_reads / 1e3, 1) for part, ns in spent_ns.items()},
             "note": "per guest read of our BAR 4 (all widths): wall time of the guest's loop "
             "(including the agent's command round trip), the emulator's and QEMU's (every "
-            "thread: vCPU, I/O) process CPU meanwhile, from /proc at clock-tick resolution",
+            "thread: vCPU, I/O) process CPU clocks meanwhile",
         }
     for op in ("read", "write"):
         for ref in ("edu_bar0", "guest_ram", "qemu_native_bar4"):

@@ -83,3 +83,9 @@ def test_short_vm_benchmarks_write_a_report(tmp_path: Path) -> None:
         "fig5.e2e_check",
     ):
         assert key in figures, key
+    # Where a guest read of our BAR 4 goes: both processes' CPU clocks moved, within the wall time.
+    details = report["details"]
+    assert isinstance(details, dict)
+    split = details["fig3_guest_read_split_us"]
+    assert 0 < split["emulator_cpu"] < split["wall"], split
+    assert split["qemu_cpu"] > 0, split
